@@ -1,0 +1,398 @@
+"""Ingest: the raw layout, or an existing Chinese-CLIP dataset folder, into validated
+Chinese-CLIP files (``{split}_imgs.tsv`` + ``.lineidx``, ``{split}_texts.jsonl``), an image
+manifest per split and ``ingest_report.json``.
+
+Ids are derived from content, so the same input always gives the same ids and bytes:
+an image's id is the first 48 bits of the sha256 of its original bytes (identical files
+share one id, the duplicate is reported and its captions merged onto the kept image); a
+text's id is the first 48 bits of the sha256 of its UTF-8 text (identical captions in a
+split become one text whose ``image_ids`` lists every image it describes). Ids of a
+Chinese-CLIP folder are kept as they are.
+
+Bad input never aborts the run: every skipped file, line, caption or object is recorded in
+the report with its file, line and reason; ``strict`` turns any skip into an error after
+the outputs and report are written.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tqdm import tqdm
+
+from mmcn.data import image as imagelib
+from mmcn.data import raw, tsv
+from mmcn.data.manifest import ManifestEntry, manifest_path, write_manifest
+from mmcn.data.report import IngestReport, Skip
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "ingest_report.json"
+UNLISTED_POLICIES = ("skip", "include")
+_WINDOW = 1024  # tasks in flight at once: bounds memory when payloads are whole images
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How to ingest. ``max_side`` None/0 keeps every file's bytes untouched; a number
+    re-encodes every image as an RGB JPEG (EXIF orientation applied) no larger than that."""
+
+    max_side: int | None = None
+    strict: bool = False
+    workers: int = 2
+    full_decode: bool = False
+    max_pixels: int = imagelib.DEFAULT_MAX_PIXELS
+    unlisted: str = "skip"
+    jpeg_quality: int = 95
+
+    def __post_init__(self) -> None:
+        if self.unlisted not in UNLISTED_POLICIES:
+            raise ValueError(f"unlisted must be one of {UNLISTED_POLICIES}, got {self.unlisted!r}")
+        if self.max_side is not None and self.max_side < 0:
+            raise ValueError(f"max_side must be empty or positive, got {self.max_side}")
+
+
+class IngestError(RuntimeError):
+    """Raised in strict mode when anything was skipped; carries the written report."""
+
+    def __init__(self, report: IngestReport, out: Path):
+        lines = "\n".join(f"  {s}" for s in report.skips[:50])
+        more = f"\n  … and {len(report.skips) - 50} more" if len(report.skips) > 50 else ""
+        super().__init__(f"strict ingest: {len(report.skips)} input(s) skipped (full list in "
+                         f"{out / REPORT_FILE}):\n{lines}{more}\n"
+                         "Fix or remove these inputs, or run without strict to skip them.")
+        self.report = report
+
+
+def content_id(data: bytes) -> int:
+    """A stable 48-bit integer id (exact in JSON and JavaScript) from content bytes."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:6], "big")
+
+
+# --------------------------------------------------------------------------- worker side
+@dataclass(frozen=True)
+class _Task:
+    source: str                 # file path (raw layout) or "" when payload carries the image
+    payload: bytes = b""        # base64 image from a TSV line
+    boxes: tuple = ()
+
+
+@dataclass
+class _Result:
+    error: tuple[str, str] | None = None      # (reason, detail)
+    sha256: str = ""
+    b64: bytes = b""
+    info: imagelib.ImageInfo | None = None
+    boxes: list = field(default_factory=list)
+
+
+def _process(task: _Task, cfg: IngestConfig) -> _Result:
+    try:
+        if task.source:
+            data = Path(task.source).read_bytes()
+        else:
+            data = tsv.decode_b64(task.payload)
+    except OSError as e:
+        return _Result(error=("unreadable", f"{type(e).__name__}: {e.strerror or e}"))
+    except ValueError as e:
+        return _Result(error=("bad_base64", str(e)))
+    sha = hashlib.sha256(data).hexdigest()
+    boxes = [list(b) for b in task.boxes]
+    try:
+        if cfg.max_side:
+            data, info, boxes = imagelib.normalize(data, boxes, max_side=cfg.max_side, quality=cfg.jpeg_quality,
+                                                   max_pixels=cfg.max_pixels)
+            b64 = base64.b64encode(data)
+        else:
+            info = imagelib.inspect(data, max_pixels=cfg.max_pixels, full_decode=cfg.full_decode)
+            b64 = task.payload or base64.b64encode(data)
+    except imagelib.ImageError as e:
+        return _Result(error=(e.reason, e.detail))
+    return _Result(sha256=sha, b64=b64, info=info, boxes=boxes)
+
+
+_worker_cfg: IngestConfig | None = None
+
+
+def _init_worker(cfg: IngestConfig) -> None:
+    global _worker_cfg
+    _worker_cfg = cfg
+
+
+def _process_in_worker(task: _Task) -> _Result:
+    return _process(task, _worker_cfg)
+
+
+def _map(tasks: Iterable[_Task], cfg: IngestConfig, pool, total: int, desc: str) -> Iterator[_Result]:
+    """Process tasks in order, on the pool if there is one, with a progress bar."""
+    bar = tqdm(total=total, desc=desc, unit="img", disable=None, mininterval=1.0)
+    it = iter(tasks)
+    while True:
+        window = [t for _, t in zip(range(_WINDOW), it)]
+        if not window:
+            break
+        results = (pool.imap(_process_in_worker, window, chunksize=16) if pool is not None
+                   else (_process(t, cfg) for t in window))
+        for r in results:
+            bar.update(1)
+            yield r
+    bar.close()
+
+
+# --------------------------------------------------------------------------- driver side
+@dataclass
+class _Image:
+    entry: ManifestEntry
+    captions: list[str]
+
+
+class _SplitWriter:
+    """Collects one split's images and texts, dedupes by content, writes the four files."""
+
+    def __init__(self, out: Path, split: str, report: IngestReport, seen_elsewhere: dict[str, tuple[str, str]]):
+        self.out, self.split, self.report = out, split, report
+        self.counts = report.counts(split)
+        self.tsv = tsv.TsvWriter(tsv.imgs_path(out, split))
+        self.images: list[_Image] = []
+        self.by_sha: dict[str, _Image] = {}
+        self.ids: set[int] = set()
+        self.seen_elsewhere = seen_elsewhere
+
+    def add(self, result: _Result, file: str, line: int, objects: list[raw.RawObject],
+            captions: list[str], image_id: int | None = None, source: str = "") -> int | None:
+        """Add one processed image read from ``file`` (record at ``line``); returns the id it is
+        stored under, None if skipped. ``source`` names it in the manifest (default ``file``)."""
+        source = source or file
+        if result.error:
+            self.report.skip(Skip(self.split, result.error[0], file, line, result.error[1]))
+            return None
+        if image_id is not None and image_id in self.ids:
+            self.report.skip(Skip(self.split, "duplicate_id", file, line, f"image_id {image_id} already used"))
+            return None
+        kept = self.by_sha.get(result.sha256)
+        if kept is not None:
+            kept.captions.extend(captions)
+            self.report.skip(Skip(self.split, "duplicate", file, line,
+                                  f"same bytes as {kept.entry.source}; its captions were merged onto that image"))
+            return kept.entry.image_id
+        first_split, first_source = self.seen_elsewhere.setdefault(result.sha256, (self.split, source))
+        if first_split != self.split:
+            self.report.notes.append(f"[{self.split}] {source} has the same bytes as {first_source} in split "
+                                     f"{first_split} (kept in both; a leak between splits?)")
+        if image_id is None:
+            image_id = int(result.sha256[:12], 16)  # the first 48 bits of the content hash
+            while image_id in self.ids:  # 48-bit collision of different content: next free id
+                image_id += 1
+        info = result.info
+        entry = ManifestEntry(image_id, source, result.sha256, info.width, info.height, info.format, info.mode,
+                              self._clip_objects(objects, result.boxes, info, file, line))
+        self.ids.add(image_id)
+        image = _Image(entry, list(captions))
+        self.by_sha[result.sha256] = image
+        self.images.append(image)
+        self.tsv.write(image_id, result.b64)
+        return image_id
+
+    def _clip_objects(self, objects, boxes, info, source, line) -> list[raw.RawObject]:
+        kept = []
+        for i, (obj, box) in enumerate(zip(objects, boxes)):
+            x1, y1 = max(0.0, box[0]), max(0.0, box[1])
+            x2, y2 = min(float(info.width), box[2]), min(float(info.height), box[3])
+            if x2 - x1 < 1 or y2 - y1 < 1:
+                self.report.skip(Skip(self.split, "bad_object", source, line,
+                                      f"object {i} box {list(obj.box)} lies outside the {info.width}x{info.height} image"))
+                continue
+            kept.append(raw.RawObject((round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)), obj.label,
+                                      obj.attributes))
+        return kept
+
+    def close(self, texts: list[tsv.Text]) -> None:
+        self.tsv.close()
+        tsv.write_texts(tsv.texts_path(self.out, self.split), texts)
+        write_manifest(manifest_path(self.out, self.split), [im.entry for im in self.images])
+        self.counts.images_written = len(self.images)
+        self.counts.texts_written = len(texts)
+        self.counts.pairs_written = sum(len(t.image_ids) for t in texts)
+
+
+def _texts_from_captions(images: list[_Image]) -> list[tsv.Text]:
+    """One text per distinct caption (content id), listing every image it describes."""
+    by_text: dict[str, tsv.Text] = {}
+    used: set[int] = set()
+    for im in images:
+        for cap in im.captions:
+            text = by_text.get(cap)
+            if text is None:
+                text_id = content_id(cap.encode("utf-8"))
+                while text_id in used:
+                    text_id += 1
+                used.add(text_id)
+                text = by_text[cap] = tsv.Text(text_id, cap, [])
+            if im.entry.image_id not in text.image_ids:
+                text.image_ids.append(im.entry.image_id)
+    return list(by_text.values())
+
+
+def _ingest_raw_split(src: Path, split: str, writer: _SplitWriter, cfg: IngestConfig, pool) -> None:
+    split_dir = src / split
+    records, skips = raw.read_records(src, split)
+    for s in skips:
+        writer.report.skip(s)
+    counts = writer.counts
+    listed = {r.image for r in records}
+    unlisted = [f for f in raw.list_images(split_dir) if f not in listed]
+    if not (split_dir / raw.CAPTIONS_FILE).is_file():
+        writer.report.notes.append(f"[{split}] no {raw.CAPTIONS_FILE}: every image is unlisted")
+    if cfg.unlisted == "include":
+        records += [raw.RawRecord(f) for f in unlisted]
+    else:
+        for f in unlisted:
+            writer.report.skip(Skip(split, "unlisted", f"{split}/{raw.IMAGES_DIR}/{f}", 0,
+                                    f"not named in {raw.CAPTIONS_FILE}; add a line for it or set unlisted: include"))
+    counts.images_seen = len(records) + len(unlisted) * (cfg.unlisted == "skip") + sum(
+        s.reason in ("malformed_json", "bad_record", "outside_images", "missing_file") for s in skips)
+    counts.captions_seen = sum(len(r.captions) for r in records) + sum(
+        s.reason in ("empty_caption", "bad_caption") for s in skips)
+    tasks = (_Task(str(split_dir / raw.IMAGES_DIR / r.image), boxes=tuple(o.box for o in r.objects)) for r in records)
+    for record, result in zip(records, _map(tasks, cfg, pool, len(records), f"ingest {split}")):
+        writer.add(result, f"{split}/{raw.IMAGES_DIR}/{record.image}", record.line, record.objects, record.captions)
+    writer.close(_texts_from_captions(writer.images))
+
+
+def _ingest_clip_split(src: Path, split: str, writer: _SplitWriter, cfg: IngestConfig, pool) -> None:
+    imgs = tsv.imgs_path(src, split)
+    name = imgs.name
+    keys: list[tuple[int, int | None]] = []   # (line, id or None when the id is bad)
+
+    def tasks() -> Iterator[_Task]:
+        for line_no, key, payload in tsv.iter_tsv(imgs):
+            try:
+                image_id = int(key)
+            except ValueError:
+                image_id = None
+            keys.append((line_no, image_id))
+            yield _Task("", payload=payload if image_id is not None else b"")
+
+    total = sum(1 for _ in open(imgs, "rb"))
+    id_map: dict[int, int] = {}   # every accepted id (duplicates too) -> the id stored
+    for i, result in enumerate(_map(tasks(), cfg, pool, total, f"ingest {split}")):
+        line_no, image_id = keys[i]
+        writer.counts.images_seen += 1
+        if image_id is None:
+            writer.report.skip(Skip(split, "bad_id", name, line_no, "image id is not an integer"))
+            continue
+        stored = writer.add(result, name, line_no, [], [], image_id=image_id, source=f"{name}:{line_no}")
+        if stored is not None:
+            id_map.setdefault(image_id, stored)
+    writer.close(_read_clip_texts(src, split, id_map, writer))
+
+
+def _read_clip_texts(src: Path, split: str, id_map: dict[int, int], writer: _SplitWriter) -> list[tsv.Text]:
+    path = tsv.texts_path(src, split)
+    texts: list[tsv.Text] = []
+    if not path.is_file():
+        writer.report.notes.append(f"[{split}] no {path.name}: images only")
+        return texts
+    seen: set[int] = set()
+
+    def skip(line: int, reason: str, detail: str) -> None:
+        writer.report.skip(Skip(split, reason, path.name, line, detail))
+
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            writer.counts.captions_seen += 1
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                skip(line_no, "malformed_json", str(e))
+                continue
+            ids = obj.get("image_ids", []) if isinstance(obj, dict) else None
+            if (not isinstance(obj, dict) or not isinstance(obj.get("text_id"), int) or isinstance(obj["text_id"], bool)
+                    or not isinstance(obj.get("text"), str) or not isinstance(ids, list)
+                    or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+                skip(line_no, "bad_record", 'expected {"text_id": int, "text": str, "image_ids": [int]}')
+                continue
+            if not obj["text"].strip():
+                skip(line_no, "empty_caption", f"text_id {obj['text_id']} has an empty text")
+                continue
+            if obj["text_id"] in seen:
+                skip(line_no, "duplicate_text_id", f"text_id {obj['text_id']} already used")
+                continue
+            kept = []
+            for i in ids:
+                if i not in id_map:
+                    skip(line_no, "unknown_image_id", f"text_id {obj['text_id']}: image {i} is not in {split}_imgs.tsv "
+                                                      "(or was skipped); pair dropped")
+                elif id_map[i] not in kept:
+                    kept.append(id_map[i])
+            if ids and not kept:
+                skip(line_no, "no_valid_image", f"text_id {obj['text_id']}: none of its images is usable")
+                continue
+            seen.add(obj["text_id"])
+            texts.append(tsv.Text(obj["text_id"], obj["text"].strip(), kept))
+    return texts
+
+
+def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> IngestReport:
+    """Ingest ``src`` (raw layout or Chinese-CLIP folder) into ``out``; returns the report.
+
+    ``out`` is replaced as a whole, and only once everything is written. Raises
+    :class:`IngestError` in strict mode when anything was skipped (outputs still written).
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"ingest source {src} is not a directory")
+    if src.resolve() == out.resolve():
+        raise ValueError(f"ingest output {out} must differ from the source folder")
+    if raw.is_raw_layout(src):
+        source_format, splits, run_split = "raw", raw.splits_in(src), _ingest_raw_split
+    elif tsv.is_chinese_clip_layout(src):
+        source_format, splits, run_split = "chinese-clip", tsv.splits_in(src), _ingest_clip_split
+    else:
+        raise ValueError(f"{src} holds neither the raw layout ({'/'.join(raw.SPLITS)}/{raw.CAPTIONS_FILE} + "
+                         f"images/) nor a Chinese-CLIP dataset ({{split}}_imgs.tsv + {{split}}_texts.jsonl)")
+    start = time.perf_counter()
+    report = IngestReport(source=str(src), source_format=source_format)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    seen_elsewhere: dict[str, tuple[str, str]] = {}
+    pool = (multiprocessing.get_context("spawn").Pool(config.workers, _init_worker, (config,))
+            if config.workers > 1 else None)
+    try:
+        for split in splits:
+            run_split(src, split, _SplitWriter(tmp, split, report, seen_elsewhere), config, pool)
+        report.write(tmp / REPORT_FILE)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log_summary(report, time.perf_counter() - start)
+    if config.strict and report.skips:
+        raise IngestError(report, out)
+    return report
+
+
+def _log_summary(report: IngestReport, elapsed: float) -> None:
+    for split, c in report.splits.items():
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(c.skipped.items())) or "none"
+        log.info("%s: %d/%d images, %d texts (%d pairs) from %d captions; skipped: %s", split, c.images_written,
+                 c.images_seen, c.texts_written, c.pairs_written, c.captions_seen, skipped)
+    for note in report.notes:
+        log.warning(note)
+    log.info("ingest (%s) done in %.1fs, %d skip(s)", report.source_format, elapsed, len(report.skips))
+

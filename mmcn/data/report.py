@@ -1,0 +1,78 @@
+"""Skipped-input records and the per-split counts that ingest-like stages report."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One piece of input that was left out, and why.
+
+    ``file`` is the path (or TSV file) the input came from; ``line`` is the 1-based line of
+    the record in its JSONL/TSV file, 0 when the input is a file without a record line.
+    """
+
+    split: str
+    reason: str
+    file: str
+    line: int = 0
+    detail: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"[{self.split}] {where}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class SplitCounts:
+    """What happened to one split: counts of input seen and output written, skips by reason."""
+
+    images_seen: int = 0
+    images_written: int = 0
+    captions_seen: int = 0
+    texts_written: int = 0
+    pairs_written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["skipped"] = dict(sorted(self.skipped.items()))
+        return out
+
+
+@dataclass
+class IngestReport:
+    """The whole ``ingest_report.json``: per-split counts plus every skip with its reason.
+
+    It holds no timings or absolute paths, so the same input gives the same bytes (DVC
+    then sees no change downstream when a stage is forced to rerun).
+    """
+
+    source: str
+    source_format: str
+    splits: dict[str, SplitCounts] = field(default_factory=dict)
+    skips: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self, split: str) -> SplitCounts:
+        return self.splits.setdefault(split, SplitCounts())
+
+    def skip(self, skip: Skip) -> None:
+        self.skips.append(skip)
+        self.counts(skip.split).skipped[skip.reason] += 1
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "source_format": self.source_format,
+            "splits": {name: c.to_json() for name, c in self.splits.items()},
+            "skipped_total": len(self.skips),
+            "skipped": [asdict(s) for s in self.skips],
+            "notes": self.notes,
+        }
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,161 @@
+"""Chinese-CLIP dataset files: ``{split}_imgs.tsv`` (+ ``.lineidx``) and ``{split}_texts.jsonl``.
+
+``{split}_imgs.tsv``: ``<int image_id>\\t<base64 of the image file bytes>`` per line.
+``{split}_texts.jsonl``: ``{"text_id": int, "text": str, "image_ids": [int, ...]}`` per line.
+``*.lineidx``: the byte offset of every TSV line, one decimal number per line (Oscar's
+``TSVFile`` convention), for O(1) random access.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+def imgs_path(root: Path, split: str) -> Path:
+    return root / f"{split}_imgs.tsv"
+
+
+def texts_path(root: Path, split: str) -> Path:
+    return root / f"{split}_texts.jsonl"
+
+
+def lineidx_path(tsv: Path) -> Path:
+    return tsv.with_name(tsv.name + ".lineidx")
+
+
+def splits_in(root: Path) -> list[str]:
+    """Splits that have an ``{split}_imgs.tsv`` in ``root`` (known splits first, then others)."""
+    found = sorted(p.name[: -len("_imgs.tsv")] for p in root.glob("*_imgs.tsv"))
+    order = {"train": 0, "valid": 1, "test": 2}
+    return sorted(found, key=lambda s: (order.get(s, 3), s))
+
+
+def is_chinese_clip_layout(root: Path) -> bool:
+    return root.is_dir() and any(root.glob("*_imgs.tsv"))
+
+
+@dataclass
+class Text:
+    text_id: int
+    text: str
+    image_ids: list[int]
+
+    def to_json(self) -> dict:
+        return {"text_id": self.text_id, "text": self.text, "image_ids": self.image_ids}
+
+
+class TsvWriter:
+    """Writes ``id\\tpayload`` lines and, on close, the ``.lineidx`` of their offsets."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb")
+        self._offsets: list[int] = []
+        self._pos = 0
+
+    def write(self, key: int | str, payload: bytes) -> None:
+        line = str(key).encode() + b"\t" + payload + b"\n"
+        self._offsets.append(self._pos)
+        self._f.write(line)
+        self._pos += len(line)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def close(self) -> None:
+        self._f.close()
+        lineidx_path(self.path).write_text("".join(f"{o}\n" for o in self._offsets))
+
+    def __enter__(self) -> "TsvWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def iter_tsv(path: Path) -> Iterator[tuple[int, bytes, bytes]]:
+    """Yield ``(line_no, key, payload)`` for each line; a line without a tab has ``payload=b""``."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            key, _, payload = line.rstrip(b"\r\n").partition(b"\t")
+            yield line_no, key, payload
+
+
+def build_lineidx(tsv: Path) -> int:
+    """Write ``tsv``'s ``.lineidx`` from the file itself; returns the number of lines."""
+    offsets = []
+    pos = 0
+    with open(tsv, "rb") as f:
+        for line in f:
+            offsets.append(pos)
+            pos += len(line)
+    lineidx_path(tsv).write_text("".join(f"{o}\n" for o in offsets))
+    return len(offsets)
+
+
+class TsvReader:
+    """Random access to an image TSV through its ``.lineidx``: ``len``, ``[i] -> (id, bytes)``.
+
+    The file handle opens lazily, so a reader can be handed to DataLoader workers.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        idx = lineidx_path(self.path)
+        if not idx.is_file():
+            raise FileNotFoundError(f"{idx} is missing: run `mmcn ingest` on this folder to index it")
+        self._offsets = np.loadtxt(idx, dtype=np.int64, ndmin=1) if idx.stat().st_size else np.zeros(0, np.int64)
+        self._f = None
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i: int) -> tuple[int, bytes]:
+        if self._f is None:
+            self._f = open(self.path, "rb")
+        self._f.seek(int(self._offsets[i]))
+        key, _, payload = self._f.readline().rstrip(b"\r\n").partition(b"\t")
+        return int(key), base64.b64decode(payload)
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_f": None}
+
+
+def decode_b64(payload: bytes) -> bytes:
+    """Strict base64 decode; raises ValueError with a short reason."""
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"invalid base64: {e}") from None
+
+
+def write_texts(path: Path, texts: list[Text]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps(t.to_json(), ensure_ascii=False) + "\n")
+
+
+def read_texts(path: Path) -> list[Text]:
+    """Read a texts file written by mmcn (already validated); raises on malformed lines."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                out.append(Text(int(obj["text_id"]), str(obj["text"]), [int(i) for i in obj.get("image_ids", [])]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{line_no}: not a Chinese-CLIP text record ({e}); "
+                                 "run `mmcn ingest` on the dataset to validate it") from None
+    return out

@@ -1,0 +1,315 @@
+"""Ingest: raw layout and Chinese-CLIP folders, every kind of bad input, stable ids, options."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmcn.cli import main as cli_main
+from mmcn.data import tsv
+from mmcn.data.ingest import IngestConfig, IngestError, ingest
+from mmcn.data.manifest import manifest_path, read_manifest
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def scene(color=(200, 30, 30), size=(64, 48), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.full((size[1], size[0], 3), 230, np.uint8)
+    arr[8:24, 8:40] = color
+    arr[30:, 30:] = rng.integers(0, 255, (size[1] - 30, size[0] - 30, 3), dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def png_bomb() -> bytes:
+    """A tiny PNG whose header claims 100000 x 100000 pixels."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = bytearray(data[16:29])
+    ihdr[0:8] = struct.pack(">II", 100_000, 100_000)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def write_raw(root: Path, split: str, files: dict[str, bytes], lines: list) -> None:
+    images = root / split / "images"
+    for rel, data in files.items():
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        (images / rel).write_bytes(data)
+    with open(root / split / "captions.jsonl", "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n")
+
+
+def rec(image: str, *captions: str, objects=None) -> dict:
+    out = {"image": image, "captions": list(captions)}
+    if objects is not None:
+        out["objects"] = objects
+    return out
+
+
+GOOD = encode(scene())
+TRUNCATED = GOOD[: len(GOOD) // 2]
+
+
+@pytest.fixture
+def messy(tmp_path: Path) -> Path:
+    """A raw dataset with one of every bad input next to good data."""
+    root = tmp_path / "raw"
+    png16 = Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20))
+    palette = scene(seed=3).convert("P", palette=Image.Palette.ADAPTIVE)
+    rgba = scene(seed=4).convert("RGBA")
+    rgba.putalpha(128)
+    files = {
+        "good.jpg": GOOD,
+        "sub/dir/good.png": encode(scene((20, 200, 20), seed=1), "PNG"),
+        "图 片 1.jpg": encode(scene((20, 20, 200), seed=2)),
+        "cmyk.jpg": encode(scene(seed=5).convert("CMYK")),
+        "gray.png": encode(scene(seed=6).convert("L"), "PNG"),
+        "16bit.png": encode(png16, "PNG"),
+        "palette.png": encode(palette, "PNG", transparency=0),
+        "alpha.png": encode(rgba, "PNG"),
+        "trailing.jpg": GOOD + b"\x00\x00garbage-after-eoi",
+        "copy_of_good.jpg": GOOD,
+        "truncated.jpg": TRUNCATED,
+        "truncated.png": encode(scene(seed=7), "PNG")[:300],
+        "empty.jpg": b"",
+        "text.jpg": b"this is not an image\n",
+        "bomb.png": png_bomb(),
+        "unlisted.jpg": encode(scene(seed=8)),
+    }
+    lines = [
+        rec("good.jpg", "一个红色的长方形", "  ", objects=[{"box": [8, 8, 40, 24], "label": "rectangle",
+                                                         "attributes": ["red"]}]),
+        rec("sub/dir/good.png", "绿色", objects=[{"box": [8, 8, 40, 24], "label": "box"},
+                                                {"box": [50, 50, 90, 90], "label": "outside"},
+                                                {"box": [5, 5, 1, 1], "label": "degenerate"}]),
+        rec("图 片 1.jpg", "蓝色的图片"),
+        rec("cmyk.jpg", "cmyk"), rec("gray.png", "gray"), rec("16bit.png", "16bit"),
+        rec("palette.png", "palette"), rec("alpha.png", "alpha"), rec("trailing.jpg", "trailing"),
+        rec("copy_of_good.jpg", "复制的图片"),
+        rec("truncated.jpg", "t1"), rec("truncated.png", "t2"), rec("empty.jpg", "e"), rec("text.jpg", "x"),
+        rec("bomb.png", "bomb"),
+        rec("missing.jpg", "不存在"),
+        rec("../outside.jpg", "outside"),
+        rec("/etc/passwd", "absolute"),
+        '{"image": "good.jpg", "captions": [',
+        "[1, 2, 3]",
+        rec("gray.png", 7),
+        "",
+    ]
+    write_raw(root, "train", files, lines)
+    write_raw(root, "test", {"a.jpg": encode(scene(seed=9)), "b.jpg": GOOD}, [rec("a.jpg"), rec("b.jpg", "测试")])
+    return root
+
+
+def skips_of(report) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for s in report.skips:
+        out.setdefault(s.reason, set()).add(f"{s.file}:{s.line}" if s.line else s.file)
+    return out
+
+
+def test_bad_inputs_are_skipped_with_reasons_and_good_data_kept(messy, tmp_path):
+    out = tmp_path / "tsv"
+    report = ingest(messy, out, IngestConfig(workers=1))
+    skips = skips_of(report)
+    assert skips["truncated"] == {"train/images/truncated.jpg:11", "train/images/truncated.png:12"}
+    assert skips["empty_file"] == {"train/images/empty.jpg:13"}
+    assert skips["not_an_image"] == {"train/images/text.jpg:14"}
+    assert skips["too_many_pixels"] == {"train/images/bomb.png:15"}
+    assert skips["missing_file"] == {"train/captions.jsonl:16"}
+    assert skips["outside_images"] == {"train/captions.jsonl:17", "train/captions.jsonl:18"}
+    assert skips["malformed_json"] == {"train/captions.jsonl:19"}
+    assert skips["bad_record"] == {"train/captions.jsonl:20"}
+    assert skips["bad_caption"] == {"train/captions.jsonl:21"}
+    assert skips["empty_caption"] == {"train/captions.jsonl:1"}
+    assert skips["duplicate"] == {"train/images/copy_of_good.jpg:10", "train/images/gray.png:21"}
+    assert skips["bad_object"] == {"train/captions.jsonl:2", "train/images/sub/dir/good.png:2"}
+    assert skips["unlisted"] == {"train/images/unlisted.jpg"}
+    # test/b.jpg has the same bytes as train/good.jpg: kept in both, noted as a leak
+    assert any("test/images/b.jpg" in n and "train/images/good.jpg" in n for n in report.notes)
+
+    manifest = {e.source: e for e in read_manifest(manifest_path(out, "train"))}
+    assert set(manifest) == {f"train/images/{n}" for n in (
+        "good.jpg", "sub/dir/good.png", "图 片 1.jpg", "cmyk.jpg", "gray.png", "16bit.png", "palette.png",
+        "alpha.png", "trailing.jpg")}
+    assert manifest["train/images/cmyk.jpg"].mode == "CMYK"
+    assert manifest["train/images/16bit.png"].mode.startswith("I")
+    assert [o.label for o in manifest["train/images/sub/dir/good.png"].objects] == ["box"]
+    good = manifest["train/images/good.jpg"]
+    assert (good.width, good.height, good.format) == (64, 48, "JPEG")
+    assert good.objects[0].attributes == ("red",)
+
+    # original bytes untouched, ids match the manifest, lineidx gives random access
+    reader = tsv.TsvReader(tsv.imgs_path(out, "train"))
+    assert len(reader) == len(manifest)
+    by_id = dict(reader)
+    assert by_id[good.image_id] == GOOD
+    assert reader[len(reader) - 1][0] == read_manifest(manifest_path(out, "train"))[-1].image_id
+
+    # captions of the duplicate are merged onto the kept image, whitespace captions dropped
+    texts = {t.text: t for t in tsv.read_texts(tsv.texts_path(out, "train"))}
+    assert texts["复制的图片"].image_ids == [good.image_id]
+    assert "一个红色的长方形" in texts and "" not in texts and "  " not in texts
+    assert set(texts) >= {"绿色", "蓝色的图片", "cmyk", "16bit", "palette", "alpha", "trailing"}
+
+    counts = report.splits["train"]
+    assert counts.images_written == 9 and counts.texts_written == len(texts)
+    on_disk = json.loads((out / "ingest_report.json").read_text(encoding="utf-8"))
+    assert on_disk["splits"]["train"]["skipped"]["truncated"] == 2
+    assert on_disk["skipped_total"] == len(report.skips)
+    # test images without captions are still ingested
+    assert report.splits["test"].images_written == 2 and report.splits["test"].texts_written == 1
+
+
+def test_same_input_gives_same_bytes_with_and_without_workers(messy, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ingest(messy, a, IngestConfig(workers=1))
+    ingest(messy, b, IngestConfig(workers=2))
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert "train_imgs.tsv.lineidx" in names and "test_manifest.jsonl" in names
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_lineidx_offsets_point_at_line_starts(messy, tmp_path):
+    out = tmp_path / "tsv"
+    ingest(messy, out, IngestConfig(workers=1))
+    path = tsv.imgs_path(out, "train")
+    data = path.read_bytes()
+    offsets = [int(x) for x in tsv.lineidx_path(path).read_text().split()]
+    assert offsets[0] == 0
+    assert all(data[o - 1: o] == b"\n" for o in offsets[1:])
+    assert len(offsets) == data.count(b"\n")
+
+
+def test_unlisted_include_and_strict(messy, tmp_path):
+    report = ingest(messy, tmp_path / "inc", IngestConfig(workers=1, unlisted="include"))
+    assert "unlisted" not in skips_of(report)
+    assert report.splits["train"].images_written == 10
+
+    with pytest.raises(IngestError) as err:
+        ingest(messy, tmp_path / "strict", IngestConfig(workers=1, strict=True))
+    assert "train/images/truncated.jpg:11: truncated" in str(err.value)
+    assert (tmp_path / "strict" / "ingest_report.json").is_file()
+
+
+def test_cli_strict_exit_code_and_help(messy, tmp_path, capsys):
+    assert cli_main(["ingest", "--src", str(messy), "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
+    assert cli_main(["ingest", "--src", str(messy), "--out", str(tmp_path / "o"), "--workers", "1",
+                     "--strict"]) == 1
+    assert "empty_file" in capsys.readouterr().err
+    assert cli_main(["ingest", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    with pytest.raises(SystemExit):
+        cli_main(["ingest", "--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--src", "--out", "--max-side", "--strict", "--workers", "--full-decode", "--max-pixels",
+                   "--unlisted", "--jpeg-quality"):
+        assert option in help_text
+
+
+def test_max_side_reencodes_rgb_and_maps_boxes_through_exif(tmp_path):
+    # a 200x100 file whose EXIF says "rotate 90 clockwise to display"; a red block at x 20..60, y 10..30
+    arr = np.full((100, 200, 3), 240, np.uint8)
+    arr[10:30, 20:60] = (220, 0, 0)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    files = {"rot.jpg": encode(img, exif=exif.tobytes(), quality=95),
+             "cmyk.jpg": encode(scene(size=(300, 150)).convert("CMYK")),
+             "alpha.png": encode(scene(size=(80, 40)).convert("RGBA"), "PNG"),
+             "16bit.png": encode(Image.fromarray(np.full((30, 30), 60000, np.uint16)), "PNG")}
+    write_raw(tmp_path / "raw", "train", files,
+              [rec("rot.jpg", "旋转", objects=[{"box": [20, 10, 60, 30], "label": "block"}]),
+               rec("cmyk.jpg", "c"), rec("alpha.png", "a"), rec("16bit.png", "b")])
+    out = tmp_path / "tsv"
+    report = ingest(tmp_path / "raw", out, IngestConfig(workers=1, max_side=50))
+    assert not report.skips
+    entries = {e.source.rsplit("/", 1)[-1]: e for e in read_manifest(manifest_path(out, "train"))}
+    images = {i: Image.open(io.BytesIO(b)) for i, b in tsv.TsvReader(tsv.imgs_path(out, "train"))}
+    for name, e in entries.items():
+        im = images[e.image_id]
+        assert im.format == "JPEG" and im.mode == "RGB" and max(im.size) <= 50, name
+        assert (e.width, e.height) == im.size
+    rot = entries["rot.jpg"]
+    assert (rot.width, rot.height) == (25, 50)  # displayed 100x200, scaled by 1/4
+    x1, y1, x2, y2 = rot.objects[0].box
+    assert (x1, y1, x2, y2) == pytest.approx((17.5, 5, 22.5, 15))
+    block = np.asarray(images[rot.image_id])[int(y1) + 1:int(y2) - 1, int(x1) + 1:int(x2) - 1].reshape(-1, 3)
+    assert block.mean(0)[0] > 150 and block.mean(0)[1] < 90  # the red block is where the box says
+    bright = np.asarray(images[entries["16bit.png"].image_id]).mean()
+    assert bright > 200  # 60000/65535 of full scale, not clipped to 255 or wrapped
+
+
+def test_max_pixels_limit(tmp_path):
+    write_raw(tmp_path / "raw", "valid", {"big.png": encode(scene(size=(200, 200)), "PNG")}, [rec("big.png", "大")])
+    report = ingest(tmp_path / "raw", tmp_path / "o", IngestConfig(workers=1, max_pixels=10_000))
+    assert [s.reason for s in report.skips] == ["too_many_pixels"]
+    assert report.splits["valid"].images_written == 0
+
+
+def write_clip(root: Path, split: str, img_lines: list[bytes], texts: list) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{split}_imgs.tsv").write_bytes(b"".join(line + b"\n" for line in img_lines))
+    with open(root / f"{split}_texts.jsonl", "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write((t if isinstance(t, str) else json.dumps(t, ensure_ascii=False)) + "\n")
+
+
+def test_chinese_clip_folder_is_validated_and_indexed(tmp_path):
+    b64 = lambda data: base64.b64encode(data)  # noqa: E731
+    other = encode(scene(seed=11))
+    write_clip(tmp_path / "muge", "valid", [
+        b"1000002\t" + b64(GOOD),
+        b"1000003\t" + b64(other),
+        b"abc\t" + b64(GOOD),
+        b"1000004\t!!!not-base64!!!",
+        b"1000002\t" + b64(other),            # duplicate id
+        b"1000005\t" + b64(TRUNCATED),
+        b"1000006\t" + b64(GOOD),             # same bytes as 1000002
+    ], [
+        {"text_id": 1, "text": "红色", "image_ids": [1000002]},
+        {"text_id": 2, "text": "两张", "image_ids": [1000003, 1000006, 999]},
+        {"text_id": 3, "text": "坏的", "image_ids": [1000005]},
+        "{not json",
+        {"text_id": 1, "text": "重复", "image_ids": [1000002]},
+        {"text_id": 4, "text": " ", "image_ids": [1000002]},
+        {"text_id": 5, "text": "无标注"},
+        {"text_id": "6", "text": "bad id", "image_ids": []},
+    ])
+    out = tmp_path / "tsv"
+    report = ingest(tmp_path / "muge", out, IngestConfig(workers=1))
+    assert report.source_format == "chinese-clip"
+    assert {s.reason: s.line for s in report.skips if s.file == "valid_imgs.tsv"} == {
+        "bad_id": 3, "bad_base64": 4, "duplicate_id": 5, "truncated": 6, "duplicate": 7}
+    text_skips = {(s.reason, s.line) for s in report.skips if s.file == "valid_texts.jsonl"}
+    assert text_skips == {("unknown_image_id", 2), ("no_valid_image", 3), ("unknown_image_id", 3),
+                          ("malformed_json", 4), ("duplicate_text_id", 5), ("empty_caption", 6),
+                          ("bad_record", 8)}
+    assert dict(tsv.TsvReader(tsv.imgs_path(out, "valid"))) == {1000002: GOOD, 1000003: other}
+    texts = {t.text_id: t.image_ids for t in tsv.read_texts(tsv.texts_path(out, "valid"))}
+    assert texts == {1: [1000002], 2: [1000003, 1000002], 5: []}
+    # the output is itself a valid Chinese-CLIP folder: ingesting it again changes nothing
+    again = tmp_path / "again"
+    assert not ingest(out, again, IngestConfig(workers=1)).skips
+    for name in ("valid_imgs.tsv", "valid_imgs.tsv.lineidx", "valid_texts.jsonl"):
+        assert (again / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_unknown_source_layout_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither the raw layout"):
+        ingest(tmp_path / "empty", tmp_path / "o")
