@@ -231,10 +231,14 @@ def test_max_side_reencodes_rgb_and_maps_boxes_through_exif(tmp_path):
     files = {"rot.jpg": encode(img, exif=exif.tobytes(), quality=95),
              "cmyk.jpg": encode(scene(size=(300, 150)).convert("CMYK")),
              "alpha.png": encode(scene(size=(80, 40)).convert("RGBA"), "PNG"),
-             "16bit.png": encode(Image.fromarray(np.full((30, 30), 60000, np.uint16)), "PNG")}
+             "16bit.png": encode(Image.fromarray(np.full((30, 30), 60000, np.uint16)), "PNG"),
+             "palette.png": encode(scene(size=(90, 60)).convert("P", palette=Image.Palette.ADAPTIVE), "PNG",
+                                   transparency=0),
+             "gray.png": encode(scene(size=(90, 60)).convert("L"), "PNG")}
     write_raw(tmp_path / "raw", "train", files,
               [rec("rot.jpg", "旋转", objects=[{"box": [20, 10, 60, 30], "label": "block"}]),
-               rec("cmyk.jpg", "c"), rec("alpha.png", "a"), rec("16bit.png", "b")])
+               rec("cmyk.jpg", "c"), rec("alpha.png", "a"), rec("16bit.png", "b"), rec("palette.png", "p"),
+               rec("gray.png", "g")])
     out = tmp_path / "tsv"
     report = ingest(tmp_path / "raw", out, IngestConfig(workers=1, max_side=50))
     assert not report.skips

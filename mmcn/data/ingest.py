@@ -15,19 +15,22 @@ the outputs and report are written.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import pybase64
 from tqdm import tqdm
 
 from mmcn.data import image as imagelib
@@ -80,10 +83,15 @@ def content_id(data: bytes) -> int:
 
 
 # --------------------------------------------------------------------------- worker side
+# Workers never send image bytes back: they append base64 payloads to a shard file of their
+# own and return where it lies; the driver copies that byte range into the TSV inside the
+# kernel. A Chinese-CLIP payload that needs no re-encoding is copied straight from its
+# source TSV. Pickling whole images through pipes would cost more than the work itself.
 @dataclass(frozen=True)
 class _Task:
-    source: str                 # file path (raw layout) or "" when payload carries the image
-    payload: bytes = b""        # base64 image from a TSV line
+    path: str                   # an image file (raw layout) or the source TSV (Chinese-CLIP)
+    offset: int = 0             # TSV only: the base64 payload's byte range in ``path``
+    length: int = -1            # -1: ``path`` is an image file, read whole
     boxes: tuple = ()
 
 
@@ -91,17 +99,32 @@ class _Task:
 class _Result:
     error: tuple[str, str] | None = None      # (reason, detail)
     sha256: str = ""
-    b64: bytes = b""
+    payload: bytes | tuple[str, int, int] = b""  # base64 payload, or where it lies: (file, offset, length)
     info: imagelib.ImageInfo | None = None
     boxes: list = field(default_factory=list)
 
 
-def _process(task: _Task, cfg: IngestConfig) -> _Result:
+class _Shard:
+    """An append-only file of base64 payloads written by one process."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, f"shard-{os.getpid()}-{id(self):x}.b64")
+        self._f = open(self.path, "ab", buffering=0)
+        self._pos = 0
+
+    def put(self, payload: bytes) -> tuple[str, int, int]:
+        offset = self._pos
+        self._pos += self._f.write(payload)
+        return self.path, offset, len(payload)
+
+
+def _process(task: _Task, cfg: IngestConfig, shard: _Shard | None = None) -> _Result:
+    """Read, hash, validate (or re-encode) one image; the payload goes to ``shard`` if given."""
     try:
-        if task.source:
-            data = Path(task.source).read_bytes()
+        if task.length < 0:
+            data = Path(task.path).read_bytes()
         else:
-            data = tsv.decode_b64(task.payload)
+            data = tsv.decode_b64(tsv.read_range(task.path, task.offset, task.length))
     except OSError as e:
         return _Result(error=("unreadable", f"{type(e).__name__}: {e.strerror or e}"))
     except ValueError as e:
@@ -112,41 +135,62 @@ def _process(task: _Task, cfg: IngestConfig) -> _Result:
         if cfg.max_side:
             data, info, boxes = imagelib.normalize(data, boxes, max_side=cfg.max_side, quality=cfg.jpeg_quality,
                                                    max_pixels=cfg.max_pixels)
-            b64 = base64.b64encode(data)
+            payload = pybase64.b64encode(data)
         else:
             info = imagelib.inspect(data, max_pixels=cfg.max_pixels, full_decode=cfg.full_decode)
-            b64 = task.payload or base64.b64encode(data)
+            payload = pybase64.b64encode(data) if task.length < 0 else (task.path, task.offset, task.length)
     except imagelib.ImageError as e:
         return _Result(error=(e.reason, e.detail))
-    return _Result(sha256=sha, b64=b64, info=info, boxes=boxes)
+    if shard is not None and isinstance(payload, bytes):
+        payload = shard.put(payload)
+    return _Result(sha256=sha, payload=payload, info=info, boxes=boxes)
 
 
-_worker_cfg: IngestConfig | None = None
+_worker: tuple[IngestConfig, _Shard] | None = None
 
 
-def _init_worker(cfg: IngestConfig) -> None:
-    global _worker_cfg
-    _worker_cfg = cfg
+def _init_worker(cfg: IngestConfig, shard_dir: str) -> None:
+    global _worker
+    _worker = (cfg, _Shard(shard_dir))
 
 
 def _process_in_worker(task: _Task) -> _Result:
-    return _process(task, _worker_cfg)
+    return _process(task, *_worker)
 
 
-def _map(tasks: Iterable[_Task], cfg: IngestConfig, pool, total: int, desc: str) -> Iterator[_Result]:
-    """Process tasks in order, on the pool if there is one, with a progress bar."""
-    bar = tqdm(total=total, desc=desc, unit="img", disable=None, mininterval=1.0)
-    it = iter(tasks)
-    while True:
-        window = [t for _, t in zip(range(_WINDOW), it)]
-        if not window:
-            break
-        results = (pool.imap(_process_in_worker, window, chunksize=16) if pool is not None
-                   else (_process(t, cfg) for t in window))
-        for r in results:
-            bar.update(1)
-            yield r
-    bar.close()
+def _pool_context():
+    """``fork`` (starts in milliseconds) where it is safe: Linux, and no other thread alive
+    that a child could inherit mid-operation (tqdm's idle monitor thread aside: children
+    never touch tqdm); ``spawn`` otherwise (about 0.4 s per worker)."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
+    if sys.platform.startswith("linux") and not others:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+class _Runner:
+    """Runs tasks in input order: on a pool of ``workers`` processes, or in-process for 1."""
+
+    def __init__(self, cfg: IngestConfig, shard_dir: Path):
+        self.cfg = cfg
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        self.pool = (_pool_context().Pool(cfg.workers, _init_worker, (cfg, str(shard_dir)))
+                     if cfg.workers > 1 else None)
+
+    def map(self, tasks: Iterable[_Task], total: int, desc: str) -> Iterator[_Result]:
+        bar = tqdm(total=total, desc=desc, unit="img", disable=None, mininterval=1.0)
+        it = iter(tasks)
+        while window := list(itertools.islice(it, _WINDOW)):
+            results = (self.pool.imap(_process_in_worker, window, chunksize=16) if self.pool is not None
+                       else (_process(t, self.cfg) for t in window))
+            for r in results:
+                bar.update(1)
+                yield r
+        bar.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
 
 
 # --------------------------------------------------------------------------- driver side
@@ -200,7 +244,10 @@ class _SplitWriter:
         image = _Image(entry, list(captions))
         self.by_sha[result.sha256] = image
         self.images.append(image)
-        self.tsv.write(image_id, result.b64)
+        if isinstance(result.payload, bytes):
+            self.tsv.write(image_id, result.payload)
+        else:
+            self.tsv.write_range(image_id, *result.payload)
         return image_id
 
     def _clip_objects(self, objects, boxes, info, source, line) -> list[raw.RawObject]:
@@ -243,7 +290,8 @@ def _texts_from_captions(images: list[_Image]) -> list[tsv.Text]:
     return list(by_text.values())
 
 
-def _ingest_raw_split(src: Path, split: str, writer: _SplitWriter, cfg: IngestConfig, pool) -> None:
+def _ingest_raw_split(src: Path, split: str, writer: _SplitWriter, runner: _Runner) -> None:
+    cfg = runner.cfg
     split_dir = src / split
     records, skips = raw.read_records(src, split)
     for s in skips:
@@ -264,28 +312,28 @@ def _ingest_raw_split(src: Path, split: str, writer: _SplitWriter, cfg: IngestCo
     counts.captions_seen = sum(len(r.captions) for r in records) + sum(
         s.reason in ("empty_caption", "bad_caption") for s in skips)
     tasks = (_Task(str(split_dir / raw.IMAGES_DIR / r.image), boxes=tuple(o.box for o in r.objects)) for r in records)
-    for record, result in zip(records, _map(tasks, cfg, pool, len(records), f"ingest {split}")):
+    for record, result in zip(records, runner.map(tasks, len(records), f"ingest {split}")):
         writer.add(result, f"{split}/{raw.IMAGES_DIR}/{record.image}", record.line, record.objects, record.captions)
     writer.close(_texts_from_captions(writer.images))
 
 
-def _ingest_clip_split(src: Path, split: str, writer: _SplitWriter, cfg: IngestConfig, pool) -> None:
+def _ingest_clip_split(src: Path, split: str, writer: _SplitWriter, runner: _Runner) -> None:
     imgs = tsv.imgs_path(src, split)
     name = imgs.name
     keys: list[tuple[int, int | None]] = []   # (line, id or None when the id is bad)
 
     def tasks() -> Iterator[_Task]:
-        for line_no, key, payload in tsv.iter_tsv(imgs):
+        for line_no, key, offset, length in tsv.iter_tsv(imgs):
             try:
                 image_id = int(key)
             except ValueError:
                 image_id = None
             keys.append((line_no, image_id))
-            yield _Task("", payload=payload if image_id is not None else b"")
+            yield _Task(str(imgs), offset, length if image_id is not None else 0)
 
     total = sum(1 for _ in open(imgs, "rb"))
     id_map: dict[int, int] = {}   # every accepted id (duplicates too) -> the id stored
-    for i, result in enumerate(_map(tasks(), cfg, pool, total, f"ingest {split}")):
+    for i, result in enumerate(runner.map(tasks(), total, f"ingest {split}")):
         line_no, image_id = keys[i]
         writer.counts.images_seen += 1
         if image_id is None:
@@ -368,18 +416,18 @@ def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> Inges
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     seen_elsewhere: dict[str, tuple[str, str]] = {}
-    pool = (multiprocessing.get_context("spawn").Pool(config.workers, _init_worker, (config,))
-            if config.workers > 1 else None)
+    runner = _Runner(config, tmp / ".shards")
     try:
         for split in splits:
-            run_split(src, split, _SplitWriter(tmp, split, report, seen_elsewhere), config, pool)
+            run_split(src, split, _SplitWriter(tmp, split, report, seen_elsewhere), runner)
+        runner.close()
+        shutil.rmtree(tmp / ".shards")
         report.write(tmp / REPORT_FILE)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
-        if pool is not None:
-            pool.terminate()
+        runner.close()
         shutil.rmtree(tmp, ignore_errors=True)
     _log_summary(report, time.perf_counter() - start)
     if config.strict and report.skips:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -85,14 +85,17 @@ def write_split(root: Path, split: str, items: Iterable[tuple[RawRecord, bytes]]
 
 
 def resolve_image(split_dir: Path, rel: str) -> Path | None:
-    """The file ``rel`` names under ``split_dir/images``, or None if it points outside it."""
-    if not rel or os.path.isabs(rel) or "\\" in rel:
+    """The file ``rel`` names under ``split_dir/images``, or None if it points outside it.
+
+    Purely lexical (no file-system calls): ``..`` that climbs out of ``images/`` and absolute
+    paths are refused; symlinks inside ``images/`` are followed wherever they point.
+    """
+    if not rel or "\\" in rel or "\0" in rel or posixpath.isabs(rel):
         return None
-    images = (split_dir / IMAGES_DIR).resolve()
-    path = (images / rel).resolve()
-    if path == images or images not in path.parents:
+    norm = posixpath.normpath(rel)
+    if norm in (".", "..") or norm.startswith("../"):
         return None
-    return split_dir / IMAGES_DIR / os.path.normpath(rel)
+    return split_dir / IMAGES_DIR / norm
 
 
 def list_images(split_dir: Path) -> list[str]:
@@ -152,7 +155,7 @@ def read_records(root: Path, split: str) -> tuple[list[RawRecord], list[Skip]]:
             if captions is None:
                 continue
             objects = _parse_objects(obj.get("objects", []), line_no, skip)
-            rel = image_path.relative_to(split_dir / IMAGES_DIR).as_posix()
+            rel = posixpath.normpath(rel)
             records.append(RawRecord(rel, captions, objects, line_no))
     return records, skips
 

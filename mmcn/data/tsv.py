@@ -7,14 +7,15 @@
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pybase64
 
 
 def imgs_path(root: Path, split: str) -> Path:
@@ -51,25 +52,45 @@ class Text:
 
 
 class TsvWriter:
-    """Writes ``id\\tpayload`` lines and, on close, the ``.lineidx`` of their offsets."""
+    """Writes ``id\tpayload`` lines and, on close, the ``.lineidx`` of their offsets.
+
+    A payload is given either as bytes or as a byte range of another file, which is copied
+    inside the kernel (``os.copy_file_range``) without passing through Python.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._f = open(path, "wb")
+        self._f = open(path, "wb", buffering=0)
         self._offsets: list[int] = []
         self._pos = 0
+        self._sources: dict[str, int] = {}
 
     def write(self, key: int | str, payload: bytes) -> None:
-        line = str(key).encode() + b"\t" + payload + b"\n"
         self._offsets.append(self._pos)
-        self._f.write(line)
-        self._pos += len(line)
+        self._pos += self._f.write(str(key).encode() + b"\t" + payload + b"\n")
+
+    def write_range(self, key: int | str, source: str, offset: int, length: int) -> None:
+        """Write a line whose payload is ``length`` bytes of file ``source`` from ``offset``."""
+        self._offsets.append(self._pos)
+        self._pos += self._f.write(str(key).encode() + b"\t")
+        fd = self._sources.get(source)
+        if fd is None:
+            fd = self._sources[source] = os.open(source, os.O_RDONLY)
+        done = 0
+        while done < length:
+            n = _copy_range(fd, self._f.fileno(), offset + done, length - done)
+            if n <= 0:
+                raise OSError(f"{source}: unexpected end of file at byte {offset + done}")
+            done += n
+        self._pos += length + self._f.write(b"\n")
 
     def __len__(self) -> int:
         return len(self._offsets)
 
     def close(self) -> None:
         self._f.close()
+        for fd in self._sources.values():
+            os.close(fd)
         lineidx_path(self.path).write_text("".join(f"{o}\n" for o in self._offsets))
 
     def __enter__(self) -> "TsvWriter":
@@ -79,12 +100,34 @@ class TsvWriter:
         self.close()
 
 
-def iter_tsv(path: Path) -> Iterator[tuple[int, bytes, bytes]]:
-    """Yield ``(line_no, key, payload)`` for each line; a line without a tab has ``payload=b""``."""
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    if hasattr(os, "copy_file_range"):
+        try:
+            return os.copy_file_range(src_fd, dst_fd, count, offset)
+        except OSError:
+            pass  # e.g. across file systems on old kernels: fall back to read + write
+    return os.write(dst_fd, os.pread(src_fd, min(count, 1 << 24), offset))
+
+
+def iter_tsv(path: Path) -> Iterator[tuple[int, bytes, int, int]]:
+    """Yield ``(line_no, key, payload_offset, payload_length)`` for each line of a TSV.
+
+    A line without a tab has ``payload_length == 0``. The payload itself is not returned:
+    read it with :func:`read_range` where needed.
+    """
+    pos = 0
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, start=1):
-            key, _, payload = line.rstrip(b"\r\n").partition(b"\t")
-            yield line_no, key, payload
+            body = line.rstrip(b"\r\n")
+            key, tab, payload = body.partition(b"\t")
+            yield line_no, key, pos + len(key) + len(tab), len(payload)
+            pos += len(line)
+
+
+def read_range(path: str | Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
 
 
 def build_lineidx(tsv: Path) -> int:
@@ -121,7 +164,7 @@ class TsvReader:
             self._f = open(self.path, "rb")
         self._f.seek(int(self._offsets[i]))
         key, _, payload = self._f.readline().rstrip(b"\r\n").partition(b"\t")
-        return int(key), base64.b64decode(payload)
+        return int(key), pybase64.b64decode(payload)
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         for i in range(len(self)):
@@ -134,7 +177,7 @@ class TsvReader:
 def decode_b64(payload: bytes) -> bytes:
     """Strict base64 decode; raises ValueError with a short reason."""
     try:
-        return base64.b64decode(payload, validate=True)
+        return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ValueError(f"invalid base64: {e}") from None
 

@@ -1,0 +1,207 @@
+"""Region-feature shards (Parquet) and their export to Oscar's ``*.feature.tsv``/``*.label.tsv``.
+
+Layout: ``{root}/{split}/part-{k:05d}.parquet``, rows in the image order of the split's
+``{split}_imgs.tsv``, ``shard_size`` images per shard, so file names and row order are
+deterministic. One row per image:
+
+==============  ===============================  ==========================================
+column          type                             meaning
+==============  ===============================  ==========================================
+image_id        int64                            Chinese-CLIP image id
+width, height   int32                            image size in pixels
+num_boxes       int32                            n (boxes sorted by confidence)
+boxes           list<float32>                    n*4: x1, y1, x2, y2 in pixels
+classes         list<string>                     n English class names
+class_conf      list<float32>                    n class confidences
+attributes      list<list<string>>               per box, English attribute names
+attr_conf       list<list<float32>>              per box, their scores
+features        binary                           float32 little-endian n x 2054
+==============  ===============================  ==========================================
+
+2054 = 2048 pooled RoI feature + ``[x1/W, y1/H, x2/W, y2/H, w/W, h/H]`` (see
+:func:`region_features`). A shard is written under a temporary name and renamed when
+complete, so an interrupted run leaves only whole shards behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pybase64
+
+from mmcn.data import tsv
+
+POOLED_DIM = 2048
+FEATURE_DIM = POOLED_DIM + 6
+SHARD_PATTERN = "part-{:05d}.parquet"
+
+SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("num_boxes", pa.int32()),
+    ("boxes", pa.list_(pa.float32())),
+    ("classes", pa.list_(pa.string())),
+    ("class_conf", pa.list_(pa.float32())),
+    ("attributes", pa.list_(pa.list_(pa.string()))),
+    ("attr_conf", pa.list_(pa.list_(pa.float32()))),
+    ("features", pa.binary()),
+])
+
+
+@dataclass
+class RegionFeatures:
+    """The detector's output for one image, in the stored form."""
+
+    image_id: int
+    width: int
+    height: int
+    boxes: np.ndarray                       # (n, 4) float32, pixels
+    classes: list[str]
+    class_conf: np.ndarray                  # (n,) float32
+    features: np.ndarray                    # (n, 2054) float32
+    attributes: list[list[str]] = field(default_factory=list)
+    attr_conf: list[list[float]] = field(default_factory=list)
+
+    @property
+    def num_boxes(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def validate(self) -> None:
+        n = self.num_boxes
+        if self.boxes.shape != (n, 4) or self.features.shape != (n, FEATURE_DIM):
+            raise ValueError(f"image {self.image_id}: boxes {self.boxes.shape} / features {self.features.shape} "
+                             f"do not match (n, 4) / (n, {FEATURE_DIM})")
+        if len(self.classes) != n or self.class_conf.shape != (n,):
+            raise ValueError(f"image {self.image_id}: {len(self.classes)} classes, {self.class_conf.shape} confidences "
+                             f"for {n} boxes")
+        if self.attributes and len(self.attributes) != n:
+            raise ValueError(f"image {self.image_id}: {len(self.attributes)} attribute lists for {n} boxes")
+
+
+def region_features(pooled: np.ndarray, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """2054-dim features: ``pooled`` (n, 2048) followed by the 6 normalised box values."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    w, h = float(width), float(height)
+    geometry = np.stack([boxes[:, 0] / w, boxes[:, 1] / h, boxes[:, 2] / w, boxes[:, 3] / h,
+                         (boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h], axis=1)
+    return np.concatenate([np.asarray(pooled, dtype=np.float32), geometry.astype(np.float32)], axis=1)
+
+
+def shard_path(root: Path, split: str, index: int) -> Path:
+    return Path(root) / split / SHARD_PATTERN.format(index)
+
+
+def shard_paths(root: Path, split: str) -> list[Path]:
+    return sorted((Path(root) / split).glob("part-*.parquet"))
+
+
+def splits_in(root: Path) -> list[str]:
+    order = {"train": 0, "valid": 1, "test": 2}
+    found = [p.name for p in Path(root).iterdir() if p.is_dir() and any(p.glob("part-*.parquet"))]
+    return sorted(found, key=lambda s: (order.get(s, 3), s))
+
+
+def write_shard(path: Path, records: list[RegionFeatures]) -> None:
+    """Write one shard atomically (temporary name, then rename)."""
+    for r in records:
+        r.validate()
+    columns = {
+        "image_id": [r.image_id for r in records],
+        "width": [r.width for r in records],
+        "height": [r.height for r in records],
+        "num_boxes": [r.num_boxes for r in records],
+        "boxes": [np.asarray(r.boxes, np.float32).ravel() for r in records],
+        "classes": [list(r.classes) for r in records],
+        "class_conf": [np.asarray(r.class_conf, np.float32) for r in records],
+        "attributes": [[list(a) for a in r.attributes] or [[] for _ in range(r.num_boxes)] for r in records],
+        "attr_conf": [[[float(s) for s in a] for a in r.attr_conf] or [[] for _ in range(r.num_boxes)]
+                      for r in records],
+        "features": [np.ascontiguousarray(r.features, dtype="<f4").tobytes() for r in records],
+    }
+    table = pa.table(columns, schema=SCHEMA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def _row_to_record(row: dict) -> RegionFeatures:
+    n = row["num_boxes"]
+    return RegionFeatures(
+        image_id=row["image_id"], width=row["width"], height=row["height"],
+        boxes=np.asarray(row["boxes"], np.float32).reshape(n, 4),
+        classes=list(row["classes"]), class_conf=np.asarray(row["class_conf"], np.float32),
+        features=np.frombuffer(row["features"], dtype="<f4").reshape(n, FEATURE_DIM),
+        attributes=[list(a) for a in row["attributes"]], attr_conf=[list(a) for a in row["attr_conf"]])
+
+
+def read_shard(path: Path) -> list[RegionFeatures]:
+    table = pq.read_table(path, schema=SCHEMA)
+    return [_row_to_record(row) for row in table.to_pylist()]
+
+
+def iter_split(root: Path, split: str) -> Iterator[RegionFeatures]:
+    """Every image's features of ``split``, in stored order."""
+    for path in shard_paths(root, split):
+        yield from read_shard(path)
+
+
+class FeatureStore:
+    """Random access by image id to one split's shards (loads one shard at a time)."""
+
+    def __init__(self, root: Path, split: str):
+        self.paths = shard_paths(root, split)
+        if not self.paths:
+            raise FileNotFoundError(f"no feature shards under {Path(root) / split}: run the features stage first")
+        self._where: dict[int, tuple[int, int]] = {}
+        for k, path in enumerate(self.paths):
+            ids = pq.read_table(path, columns=["image_id"]).column(0).to_pylist()
+            for i, image_id in enumerate(ids):
+                self._where[image_id] = (k, i)
+        self._cached: tuple[int, pa.Table] | None = None
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self._where
+
+    def ids(self) -> list[int]:
+        return list(self._where)
+
+    def __getitem__(self, image_id: int) -> RegionFeatures:
+        if image_id not in self._where:
+            raise KeyError(f"image {image_id} has no features in {self.paths[0].parent}")
+        k, i = self._where[image_id]
+        if self._cached is None or self._cached[0] != k:
+            self._cached = (k, pq.read_table(self.paths[k], schema=SCHEMA))
+        return _row_to_record(self._cached[1].slice(i, 1).to_pylist()[0])
+
+
+def export_oscar(root: Path, out: Path, splits: Iterable[str] | None = None) -> dict[str, int]:
+    """Write Oscar's ``{split}.feature.tsv`` and ``{split}.label.tsv`` (+ ``.lineidx``).
+
+    ``feature.tsv``: ``image_id\\t{"num_boxes": n, "features": base64 float32 LE n x 2054}``;
+    ``label.tsv``: ``image_id\\t[{"class", "rect": [x1, y1, x2, y2], "conf"}]``, the same
+    boxes in the same order. Returns images written per split.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in splits or splits_in(root):
+        with tsv.TsvWriter(out / f"{split}.feature.tsv") as feats, tsv.TsvWriter(out / f"{split}.label.tsv") as labels:
+            for r in iter_split(root, split):
+                data = pybase64.b64encode(np.ascontiguousarray(r.features, dtype="<f4").tobytes()).decode()
+                feats.write(r.image_id, json.dumps({"num_boxes": r.num_boxes, "features": data}).encode())
+                boxes = [{"class": c, "rect": [float(v) for v in b], "conf": float(s)}
+                         for c, b, s in zip(r.classes, r.boxes.tolist(), r.class_conf.tolist())]
+                labels.write(r.image_id, json.dumps(boxes, ensure_ascii=False).encode())
+            counts[split] = len(feats)
+    return counts

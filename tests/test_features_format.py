@@ -1,0 +1,80 @@
+"""Region-feature shards: write/read round trip, random access, Oscar export round trip."""
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from mmcn.data import features as F
+from mmcn.data import tsv
+
+
+def record(image_id: int, n: int, rng: np.random.Generator) -> F.RegionFeatures:
+    w, h = 640, 480
+    xy = rng.uniform(0, 300, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(10, 150, (n, 2))], axis=1).astype(np.float32)
+    pooled = rng.standard_normal((n, F.POOLED_DIM)).astype(np.float32)
+    return F.RegionFeatures(image_id, w, h, boxes, [f"class{i}" for i in range(n)],
+                            np.sort(rng.uniform(0.2, 1, n)).astype(np.float32)[::-1].copy(),
+                            F.region_features(pooled, boxes, w, h),
+                            [["红", "large"] if i % 2 else [] for i in range(n)],
+                            [[0.9, 0.5] if i % 2 else [] for i in range(n)])
+
+
+def test_region_features_geometry():
+    pooled = np.ones((1, F.POOLED_DIM), np.float32)
+    feats = F.region_features(pooled, np.array([[10, 20, 110, 70]]), 200, 100)
+    assert feats.shape == (1, 2054) and feats.dtype == np.float32
+    np.testing.assert_allclose(feats[0, 2048:], [0.05, 0.2, 0.55, 0.7, 0.5, 0.5])
+
+
+def test_shards_round_trip_and_random_access(tmp_path):
+    rng = np.random.default_rng(0)
+    records = [record(100 + i, n, rng) for i, n in enumerate([10, 37, 100])]
+    F.write_shard(F.shard_path(tmp_path, "train", 0), records[:2])
+    F.write_shard(F.shard_path(tmp_path, "train", 1), records[2:])
+    assert [p.name for p in F.shard_paths(tmp_path, "train")] == ["part-00000.parquet", "part-00001.parquet"]
+    back = list(F.iter_split(tmp_path, "train"))
+    assert [r.image_id for r in back] == [100, 101, 102]
+    for a, b in zip(records, back):
+        np.testing.assert_array_equal(a.features, b.features)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        assert a.classes == b.classes and a.attributes == b.attributes
+    store = F.FeatureStore(tmp_path, "train")
+    assert len(store) == 3 and 101 in store
+    np.testing.assert_array_equal(store[102].features, records[2].features)
+    with pytest.raises(KeyError, match="no features"):
+        store[5]
+
+
+def test_mismatched_record_is_refused(tmp_path):
+    bad = record(1, 10, np.random.default_rng(1))
+    bad.classes = bad.classes[:-1]
+    with pytest.raises(ValueError, match="image 1"):
+        F.write_shard(F.shard_path(tmp_path, "test", 0), [bad])
+    assert not list((tmp_path / "test").glob("*"))
+
+
+def test_oscar_export_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    records = [record(7, 12, rng), record(3, 10, rng)]
+    F.write_shard(F.shard_path(tmp_path / "feat", "valid", 0), records)
+    assert F.export_oscar(tmp_path / "feat", tmp_path / "oscar") == {"valid": 2}
+    feat_tsv = tmp_path / "oscar" / "valid.feature.tsv"
+    label_tsv = tmp_path / "oscar" / "valid.label.tsv"
+    lines = feat_tsv.read_bytes().splitlines(keepends=True)
+    offsets = [int(x) for x in tsv.lineidx_path(feat_tsv).read_text().split()]
+    assert offsets == [0, len(lines[0])]
+    for line, labels, r in zip(lines, label_tsv.read_text(encoding="utf-8").splitlines(), records):
+        key, payload = line.decode().rstrip("\n").split("\t")
+        obj = json.loads(payload)
+        arr = np.frombuffer(base64.b64decode(obj["features"]), "<f4").reshape(obj["num_boxes"], 2054)
+        assert int(key) == r.image_id and obj["num_boxes"] == r.num_boxes
+        np.testing.assert_array_equal(arr, r.features)
+        lkey, lpayload = labels.split("\t")
+        boxes = json.loads(lpayload)
+        assert int(lkey) == r.image_id and [b["class"] for b in boxes] == r.classes
+        np.testing.assert_allclose([b["rect"] for b in boxes], r.boxes)
+        np.testing.assert_allclose(arr[:, 2048:2050] * [r.width, r.height], r.boxes[:, :2], rtol=1e-6)
