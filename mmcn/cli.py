@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -38,10 +39,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from mmcn.data.demo import DemoConfig, generate
 
     config = DemoConfig(seed=args.seed, train=args.train, valid=args.valid, test=args.test,
-                        image_size=args.image_size)
+                        image_size=args.image_size, min_objects=args.min_objects, max_objects=args.max_objects,
+                        captions_per_image=args.captions_per_image, jpeg_quality=args.jpeg_quality)
     summary = generate(args.out, config)
-    print(summary)
+    print(json.dumps(summary, ensure_ascii=False))
     return 0
+
+
+def _cmd_eval_captions(args: argparse.Namespace) -> int:
+    from mmcn.data.eval_files import write_caption_scores
+    from mmcn.eval.caption_metrics import evaluate_caption_files
+
+    try:
+        result = evaluate_caption_files(args.refs, args.preds, args.tokenize, args.allow_partial)
+    except (OSError, ValueError) as e:  # unreadable or malformed files, ids that do not match
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.per_image:
+        write_caption_scores(args.per_image, result.scores.rows())
+    print(json.dumps(result.summary, ensure_ascii=False))
+    return 0
+
+
+def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from mmcn.eval.retrieval_metrics import evaluate_retrieval_files
+
+    result = evaluate_retrieval_files(args.texts, args.predictions, args.direction)
+    if result.get("n_missing"):
+        print(f"warning: {result['n_missing']} of {result['n_queries']} queries have no prediction in "
+              f"{args.predictions} and count as misses", file=sys.stderr)
+    print(json.dumps(result, ensure_ascii=False))
+    return 0 if result["success"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +116,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid", type=int, default=100, help="valid images")
     p.add_argument("--test", type=int, default=100, help="test images")
     p.add_argument("--image-size", type=int, default=128, help="square image side in pixels")
+    p.add_argument("--min-objects", type=int, default=1, help="fewest shapes per image")
+    p.add_argument("--max-objects", type=int, default=4, help="most shapes per image")
+    p.add_argument("--captions-per-image", type=int, default=5, help="distinct Chinese captions per image")
+    p.add_argument("--jpeg-quality", type=int, default=90)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "eval-captions", help="BLEU-1..4, ROUGE-L and CIDEr-D of predicted captions (pycocoevalcap's numbers)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Score one predicted caption per image against the reference captions, exactly as pycocoevalcap "
+            "1.2 does on the same tokens (no Java: METEOR and SPICE are not computed). Prints JSON with "
+            "Bleu_1..Bleu_4, ROUGE_L, CIDEr (fractions, not percent), n_images, n_missing, n_unknown. "
+            "Predictions that miss reference images, repeat an image or name unknown images are an error "
+            "(exit 2) unless --allow-partial."))
+    p.add_argument("--refs", type=Path, required=True,
+                   help='reference captions: JSONL {"image_id", "captions": [...]} or COCO-format JSON '
+                        '({"images": [...], "annotations": [{"image_id", "caption"}]})')
+    p.add_argument("--preds", type=Path, required=True, help='predicted captions: JSONL {"image_id", "caption"}')
+    p.add_argument("--tokenize", choices=("char", "jieba"), default="char",
+                   help="char: one token per CJK character, runs of other letters/digits one token; jieba: "
+                        "jieba words (as AI Challenger); both drop whitespace and punctuation, lower-case")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="score only the images in both files and report how many were missing or unknown "
+                        "(two predictions for one image stay an error)")
+    p.add_argument("--per-image", type=Path, metavar="OUT.jsonl",
+                   help="also write each image's scores there, one JSON object per line")
+    p.set_defaults(func=_cmd_eval_captions)
+
+    p = sub.add_parser(
+        "eval-retrieval", help="R@1/5/10 and mean recall of top-10 retrieval predictions (Chinese-CLIP's numbers)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Evaluate a Chinese-CLIP predictions file against a Chinese-CLIP texts file, as its "
+            "evaluation.py (t2i) and evaluation_tr.py (i2t) do: a query hits at k if any gold id is in its "
+            "top k; the denominator is every query of the texts file (queries without a prediction count as "
+            "misses). Prints their result JSON (success, score, scoreJson with r1, r5, r10, mean_recall in "
+            "percent) plus n_queries and n_missing; exit 1 with success false and an errorMsg naming the line "
+            "on a bad predictions file."))
+    p.add_argument("--texts", type=Path, required=True,
+                   help='Chinese-CLIP texts file: JSONL {"text_id", "text", "image_ids"}')
+    p.add_argument("--predictions", type=Path, required=True,
+                   help='JSONL {"text_id", "image_ids": [10 ids, best first]} for t2i, '
+                        '{"image_id", "text_ids": [10 ids]} for i2t')
+    p.add_argument("--direction", choices=("t2i", "i2t"), default="t2i",
+                   help="t2i: text queries rank images; i2t: image queries rank texts")
+    p.set_defaults(func=_cmd_eval_retrieval)
     return parser
 
 

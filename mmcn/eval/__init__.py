@@ -1,0 +1,1 @@
+"""Evaluation: caption metrics, retrieval recall and other scores of model outputs against references."""

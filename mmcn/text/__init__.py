@@ -1,0 +1,1 @@
+"""Chinese text handling: word/character segmentation for evaluation (and later, tokenizer building)."""
