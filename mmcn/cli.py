@@ -72,6 +72,33 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0 if result["success"] else 1
 
 
+def _cmd_features(args: argparse.Namespace) -> int:
+    import ray
+
+    from mmcn.vision.extract import ExtractConfig, extract_features
+
+    ray.init(address=args.ray_address or None, include_dashboard=False,
+             **({} if args.ray_address else {"num_cpus": args.num_cpus}))
+    cfg = ExtractConfig(min_boxes=args.min_boxes, max_boxes=args.max_boxes, score_thresh=args.score_thresh,
+                        nms_thresh=args.nms_thresh, batch_size=args.batch_size, shard_size=args.shard_size,
+                        workers=args.workers, use_gpu=args.use_gpu)
+    report = extract_features(args.detector, args.tsv, args.out, cfg)
+    print(json.dumps(report["splits"], ensure_ascii=False))
+    return 0
+
+
+def _cmd_export_oscar(args: argparse.Namespace) -> int:
+    from mmcn.data.features import export_oscar
+
+    try:
+        counts = export_oscar(args.features, args.out, args.splits or None)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(counts))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcn", description="Chinese vision-language pipeline (see README).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -163,6 +190,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", choices=("t2i", "i2t"), default="t2i",
                    help="t2i: text queries rank images; i2t: image queries rank texts")
     p.set_defaults(func=_cmd_eval_retrieval)
+    p = sub.add_parser("features", help="2054-dim region features of every image in a TSV folder (Ray Data)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Run a detector (a models/detector-style folder) over {split}_imgs.tsv and write "
+                                   "Parquet shards of region features; resumes from finished shards.")
+    p.add_argument("--detector", type=Path, required=True, help="detector folder (model.safetensors + config.json)")
+    p.add_argument("--tsv", type=Path, required=True, help="folder with {split}_imgs.tsv (+ .lineidx)")
+    p.add_argument("--out", type=Path, required=True, help="output folder of feature shards")
+    p.add_argument("--min-boxes", type=int, default=10, help="fewest boxes per image")
+    p.add_argument("--max-boxes", type=int, default=100, help="most boxes per image")
+    p.add_argument("--score-thresh", type=float, default=0.2, help="class score threshold")
+    p.add_argument("--nms-thresh", type=float, default=0.3, help="per-class NMS IoU threshold")
+    p.add_argument("--batch-size", type=int, default=8, help="images per detector forward")
+    p.add_argument("--shard-size", type=int, default=256, help="images per Parquet shard")
+    p.add_argument("--workers", type=int, default=1, help="detector actors")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--ray-address", default="", help="join this Ray cluster instead of starting a local one")
+    p.set_defaults(func=_cmd_features)
+
+    p = sub.add_parser("export-oscar", help="feature shards -> Oscar's {split}.feature.tsv / {split}.label.tsv",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--features", type=Path, required=True, help="feature shard folder (data/features)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--splits", nargs="*", default=[], help="splits to export (default: all)")
+    p.set_defaults(func=_cmd_export_oscar)
     return parser
 
 

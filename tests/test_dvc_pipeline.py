@@ -5,6 +5,7 @@ stage's param reruns exactly that stage and its descendants.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,8 +17,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"demo": {"train": 12, "valid": 4, "test": 4}, "ingest": {"workers": 1}}
-ALL_STAGES = {"demo", "ingest"}
+TINY = {"demo": {"train": 12, "valid": 4, "test": 4}, "ingest": {"workers": 1},
+        "detector": {"epochs": 1, "batch_size": 4, "warmup_steps": 1, "max_images": 8},
+        "features": {"min_boxes": 2, "max_boxes": 4, "shard_size": 8}}
+ALL_STAGES = {"demo", "ingest", "detector", "features"}
 
 
 def run(repo: Path, *cmd: str) -> str:
@@ -61,15 +64,25 @@ def test_repro_end_to_end_then_nothing_then_only_what_changed(repo):
     assert ran(run(repo, *dvc, "repro")) == ALL_STAGES
     assert (repo / "data/tsv/train_imgs.tsv").stat().st_size > 0
     assert (repo / "data/tsv/ingest_report.json").is_file()
+    assert (repo / "models/detector/model.safetensors").is_file()
+    assert "mAP50" in json.loads((repo / "metrics/detector.json").read_text())
+    assert len(list((repo / "data/features/train").glob("part-*.parquet"))) == 2
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == ALL_STAGES
+    assert "detector.json" in run(repo, *dvc, "metrics", "show")
 
     assert ran(run(repo, *dvc, "repro")) == set()
     assert "up to date" in run(repo, *dvc, "status")
 
+    set_params(repo, {"features": {"score_thresh": 0.3}})
+    assert ran(run(repo, *dvc, "repro")) == {"features"}
+
+    set_params(repo, {"detector": {"lr": 0.01}})
+    assert ran(run(repo, *dvc, "repro")) == {"detector", "features"}
+
     set_params(repo, {"ingest": {"max_side": 64}})
-    assert ran(run(repo, *dvc, "repro")) == {"ingest"}
+    assert ran(run(repo, *dvc, "repro")) == {"ingest", "detector", "features"}
 
     set_params(repo, {"demo": {"seed": 1}})
-    assert ran(run(repo, *dvc, "repro")) == {"demo", "ingest"}
+    assert ran(run(repo, *dvc, "repro")) == ALL_STAGES
     assert ran(run(repo, *dvc, "repro")) == set()
