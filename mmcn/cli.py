@@ -99,6 +99,36 @@ def _cmd_export_oscar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_translate(args: argparse.Namespace) -> int:
+    from mmcn.text.translate import LabelTable, TranslateConfig, UnknownLabelError, translate_features
+
+    try:
+        table = LabelTable.load(args.overrides)
+        summary = translate_features(args.features, args.out, table,
+                                     TranslateConfig(unknown=args.unknown, max_attributes=args.max_attributes))
+    except (FileNotFoundError, UnknownLabelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.metrics:
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(json.dumps({k: summary[k] for k in ("coverage", "images", "unknown_labels")}, ensure_ascii=False))
+    return 0
+
+
+def _cmd_build_lmdb(args: argparse.Namespace) -> int:
+    from mmcn.data.lmdb_store import LmdbBuildError, LmdbConfig, build_lmdb
+
+    cfg = LmdbConfig(shards=args.shards, strict=args.strict, map_size_mb=args.map_size_mb)
+    try:
+        report = build_lmdb(args.tsv, args.out, args.features, args.tags, cfg)
+    except (FileNotFoundError, LmdbBuildError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"splits": report["splits"], "left_out": len(report["skipped"])}, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcn", description="Chinese vision-language pipeline (see README).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -215,6 +245,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--splits", nargs="*", default=[], help="splits to export (default: all)")
     p.set_defaults(func=_cmd_export_oscar)
+
+    p = sub.add_parser(
+        "translate", help="detector labels of a features folder -> Chinese tags per box (en->zh table)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Translate every object class and attribute of the region features into Chinese with mmcn's "
+            "packaged en->zh table (BUTD VG 1600/400, VinVL 1594/524, COCO 80 and the demo's labels, each in its "
+            "sense as a thing or property seen in a photo), overridden by --overrides. Writes OUT/{split}.jsonl "
+            "(per image, in box order: objects, attributes, tags such as '红色 圆形')."))
+    p.add_argument("--features", type=Path, required=True, help="feature shard folder (data/features)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for {split}.jsonl")
+    p.add_argument("--overrides", type=Path, default=None,
+                   help="TSV of 'english<TAB>chinese[<TAB>object|attribute]' lines that win over the table")
+    p.add_argument("--unknown", choices=("keep", "drop", "error"), default="keep",
+                   help="labels the table lacks: keep the English word, drop it from the tags, or fail listing them")
+    p.add_argument("--max-attributes", type=int, default=1,
+                   help="attributes per box in its tag text, best first (0: object names only)")
+    p.add_argument("--metrics", type=Path, default=None,
+                   help="also write the summary (coverage %%, unknown labels with counts) to this JSON file")
+    p.set_defaults(func=_cmd_translate)
+
+    p = sub.add_parser(
+        "build-lmdb", help="TSV images/texts + region features + Chinese tags -> one LMDB store per split",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Build OUT/{split}/ LMDB environments holding the original image bytes, texts, text->image pairs, "
+            "features (float32), boxes and Chinese tags, with a metadata record (schema version, counts, source "
+            "checksums, feature dim). No pickle. Written under a temporary name and renamed when complete; the map "
+            "grows as needed. Images without features or tags and pairs without a stored image are left out and "
+            "listed in OUT/lmdb_report.json (--strict: an error)."))
+    p.add_argument("--tsv", type=Path, required=True, help="Chinese-CLIP folder ({split}_imgs.tsv, _texts.jsonl)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (replaced when the build completes)")
+    p.add_argument("--features", type=Path, default=None, help="feature shard folder; omit for images + texts only")
+    p.add_argument("--tags", type=Path, default=None, help="translate output folder ({split}.jsonl); omit for no tags")
+    p.add_argument("--shards", type=int, default=1, help="LMDB environments per split")
+    p.add_argument("--strict", action="store_true", help="fail instead of leaving out inconsistent records")
+    p.add_argument("--map-size-mb", type=int, default=64, help="initial LMDB map size (doubles when full)")
+    p.set_defaults(func=_cmd_build_lmdb)
     return parser
 
 

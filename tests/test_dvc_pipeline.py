@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"demo": {"train": 12, "valid": 4, "test": 4}, "ingest": {"workers": 1},
         "detector": {"epochs": 1, "batch_size": 4, "warmup_steps": 1, "max_images": 8},
         "features": {"min_boxes": 2, "max_boxes": 4, "shard_size": 8}}
-ALL_STAGES = {"demo", "ingest", "detector", "features"}
+ALL_STAGES = {"demo", "ingest", "detector", "features", "translate", "lmdb"}
+AFTER_FEATURES = {"features", "translate", "lmdb"}
 
 
 def run(repo: Path, *cmd: str) -> str:
@@ -48,6 +49,8 @@ def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
+    (repo / "data").mkdir()
+    shutil.copy(ROOT / "data/labels_zh_overrides.tsv", repo / "data/labels_zh_overrides.tsv")
     for tree in ("stages", "mmcn"):
         shutil.copytree(ROOT / tree, repo / tree, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     set_params(repo, TINY)
@@ -69,19 +72,34 @@ def test_repro_end_to_end_then_nothing_then_only_what_changed(repo):
     assert len(list((repo / "data/features/train").glob("part-*.parquet"))) == 2
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == ALL_STAGES
-    assert "detector.json" in run(repo, *dvc, "metrics", "show")
+    translate = json.loads((repo / "metrics/translate.json").read_text(encoding="utf-8"))
+    assert translate["coverage"] == 100.0 and translate["images"]["train"] == 12
+    assert (repo / "data/lmdb/train/data.mdb").is_file() and (repo / "data/lmdb/lmdb_report.json").is_file()
+    shown = run(repo, *dvc, "metrics", "show")
+    assert "detector.json" in shown and "translate.json" in shown
 
     assert ran(run(repo, *dvc, "repro")) == set()
     assert "up to date" in run(repo, *dvc, "status")
 
     set_params(repo, {"features": {"score_thresh": 0.3}})
-    assert ran(run(repo, *dvc, "repro")) == {"features"}
+    assert ran(run(repo, *dvc, "repro")) == AFTER_FEATURES
+
+    overrides = repo / "data/labels_zh_overrides.tsv"  # rename every demo shape: some box must change
+    renamed = {"circle": "圆片", "square": "方片", "triangle": "三角片", "star": "星片", "heart": "心片", "cross": "叉片"}
+    overrides.write_text(overrides.read_text(encoding="utf-8") +
+                         "".join(f"{en}\t{zh}\tobject\n" for en, zh in renamed.items()), encoding="utf-8")
+    assert ran(run(repo, *dvc, "repro")) == {"translate", "lmdb"}
+    assert json.loads((repo / "metrics/translate.json").read_text(encoding="utf-8"))["overrides"] == 12
+    assert any(zh in (repo / "data/labels_zh/train.jsonl").read_text(encoding="utf-8") for zh in renamed.values())
+
+    set_params(repo, {"lmdb": {"shards": 2}})
+    assert ran(run(repo, *dvc, "repro")) == {"lmdb"}
 
     set_params(repo, {"detector": {"lr": 0.01}})
-    assert ran(run(repo, *dvc, "repro")) == {"detector", "features"}
+    assert ran(run(repo, *dvc, "repro")) == {"detector"} | AFTER_FEATURES
 
     set_params(repo, {"ingest": {"max_side": 64}})
-    assert ran(run(repo, *dvc, "repro")) == {"ingest", "detector", "features"}
+    assert ran(run(repo, *dvc, "repro")) == {"ingest", "detector"} | AFTER_FEATURES
 
     set_params(repo, {"demo": {"seed": 1}})
     assert ran(run(repo, *dvc, "repro")) == ALL_STAGES

@@ -153,6 +153,14 @@ def iter_split(root: Path, split: str) -> Iterator[RegionFeatures]:
         yield from read_shard(path)
 
 
+def iter_columns(root: Path, split: str, columns: Iterable[str]) -> Iterator[dict]:
+    """Some columns of every image of ``split`` as plain dicts, in stored order (reads only
+    those columns: labels without the feature bytes, say)."""
+    columns = list(columns)
+    for path in shard_paths(root, split):
+        yield from pq.read_table(path, columns=columns, schema=SCHEMA).to_pylist()
+
+
 class FeatureStore:
     """Random access by image id to one split's shards (loads one shard at a time)."""
 

@@ -182,7 +182,7 @@ def extract_features(detector_dir: Path, tsv_dir: Path, out_dir: Path, cfg: Extr
     stats = []
     if todo:
         ds = ray.data.from_items([asdict(t) for t in todo])
-        ds = ds.map_batches(ShardExtractor, batch_size=1, concurrency=cfg.workers,
+        ds = ds.map_batches(ShardExtractor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.workers),
                             num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_worker,
                             fn_constructor_kwargs={"detector_dir": str(detector_dir), "tsv_dir": str(tsv_dir),
                                                    "out_dir": str(out_dir), "cfg": asdict(cfg)})

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-PACKAGED = ("vg1600_objects", "vg400_attributes", "vinvl1594_objects", "vinvl524_attributes")
+PACKAGED = ("vg1600_objects", "vg400_attributes", "vinvl1594_objects", "vinvl524_attributes", "coco80_objects")
 
 
 def load_vocab(name_or_path: str | Path) -> tuple[str, ...]:

@@ -1,0 +1,616 @@
+"""The LMDB store: one LMDB environment per split (optionally sharded) holding everything
+training reads, without pickle, and its reader.
+
+Built from a Chinese-CLIP folder (``{split}_imgs.tsv`` + ``{split}_texts.jsonl``), the
+region-feature shards and the Chinese tags (:mod:`mmcn.data.tags`). Layout of
+``{root}/{split}/`` (one env) or ``{root}/{split}/shard-{k:05d}/`` (``shards`` > 1; images
+cut into contiguous ranges, texts and pairs in shard 0). Inside an env, named databases
+whose keys are the big-endian uint32 position (so writes append in key order):
+
+=============  ==========================================================================
+``images``     the original image file bytes (not base64)
+``regions``    msgpack map: ``width``, ``height``, ``num_boxes``, ``boxes`` (float32 LE n×4
+               bytes, pixels), ``classes``, ``conf`` (float32 bytes), ``attributes``,
+               ``objects_zh``, ``attributes_zh``, ``tags`` (per box, box order)
+``features``   float32 LE n × ``feature_dim`` bytes (2054: 2048 pooled + 6 box values)
+``texts``      the texts in blocks of 256 (key: block number): u32 LE offsets, then UTF-8
+=============  ==========================================================================
+
+and in the main database: ``meta`` (JSON: schema version, split, shard, counts, feature
+dim, CRC-32 and size of every source file), ``image_ids`` / ``text_ids`` (int64 LE arrays in
+position order), ``pairs`` (int64 LE ``(text_id, image_id)`` rows, grouped by text) and
+``text_pairs`` (int64 LE: text k's pairs are rows ``text_pairs[k]:text_pairs[k+1]``).
+Images are stored in the order of ``{split}_imgs.tsv``, texts in that of the texts file.
+
+A build writes into ``{out}.tmp-{pid}`` and renames it to ``out`` only when every split
+is complete, so a killed build leaves no half-written store under the final name. The
+map starts at ``map_size_mb`` and doubles on ``MapFullError``. Before writing, the
+inputs are checked: duplicate image or text ids are an error; images without features
+or tags, and pairs whose image is not stored, are left out and reported (an error with
+``strict``).
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import lmdb
+import msgpack
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pa_json
+import pybase64
+from tqdm import tqdm
+
+from mmcn.data import features as F
+from mmcn.data import tsv
+from mmcn.data.tags import ImageTags, read_tags, tag_text, tags_path
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DBS = ("images", "regions", "features", "texts")
+REPORT = "lmdb_report.json"
+TEXT_BLOCK = 256  # texts per record of the texts database
+DECODE_CHUNK = 64  # images base64-decoded per task of the decoding thread
+
+
+class LmdbBuildError(ValueError):
+    """The inputs cannot make a consistent store (message names the file and records)."""
+
+
+def _key(position: int) -> bytes:
+    return position.to_bytes(4, "big")
+
+
+def _checksum(path: Path) -> dict:
+    """CRC-32 and size of a source file: enough to tell which inputs a store was built from,
+    and at 3+ GB/s it hides behind the build (sha256 would be the slowest part of it;
+    dvc.lock keeps the md5 of every input folder anyway)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return {"crc32": f"{crc:08x}", "bytes": size}
+
+
+@dataclass(frozen=True)
+class LmdbConfig:
+    shards: int = 1             # LMDB environments per split (images cut into contiguous ranges)
+    strict: bool = False        # any left-out image or pair fails the build
+    map_size_mb: int = 64       # initial map size; doubles whenever it fills up
+    commit_bytes_mb: int = 4    # one write transaction per this much data (small ones reuse their memory)
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        if self.map_size_mb < 1 or self.commit_bytes_mb < 1:
+            raise ValueError("map_size_mb and commit_bytes_mb must be >= 1")
+
+
+# --------------------------------------------------------------------------- writing
+
+class _EnvWriter:
+    """Appends records to one env in batches; grows the map on MapFullError."""
+
+    def __init__(self, path: Path, map_size: int, commit_bytes: int):
+        path.mkdir(parents=True)
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DBS) + 1, sync=False, metasync=False,
+                             readahead=False, meminit=False)
+        self.dbs = {name: self.env.open_db(name.encode()) for name in DBS}
+        self.batch: dict[str, list[tuple[bytes, bytes]]] = {name: [] for name in DBS}
+        self.pending = 0
+        self.commit_bytes = commit_bytes
+        self.grown = 0
+
+    def put(self, db: str, position: int, value: bytes) -> None:
+        self.batch[db].append((_key(position), value))
+        self.pending += len(value)
+        if self.pending >= self.commit_bytes:
+            self.flush()
+
+    def flush(self, main: dict[bytes, bytes] | None = None) -> None:
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for name, items in self.batch.items():
+                        if items:
+                            with txn.cursor(self.dbs[name]) as cur:
+                                added, _ = cur.putmulti(items, append=True)
+                            if added != len(items):
+                                raise LmdbBuildError(f"{self.env.path()}: {name}: keys out of order")
+                    for key, value in (main or {}).items():
+                        txn.put(key, value)
+                break
+            except lmdb.MapFullError:
+                size = self.env.info()["map_size"] * 2
+                self.env.set_mapsize(size)
+                self.grown += 1
+                log.debug("%s: map full, grown to %d MiB", self.env.path(), size >> 20)
+        self.batch = {name: [] for name in DBS}
+        self.pending = 0
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
+
+
+@dataclass
+class _Texts:
+    """A texts file as arrays: ids, texts, and each text's image ids (CSR: ``starts``)."""
+
+    ids: np.ndarray          # (n,) int64
+    texts: list[str]
+    starts: np.ndarray       # (n + 1,) int64 offsets into image_ids
+    image_ids: np.ndarray    # flat int64
+
+
+def _int64s(array: pa.Array) -> np.ndarray:
+    """An int64 Arrow array without nulls as numpy, straight from its buffer (Arrow's own
+    ``to_numpy`` imports pandas, which costs more than the whole build of a small split)."""
+    return np.frombuffer(array.buffers()[1], dtype="<i8")[array.offset:array.offset + len(array)]
+
+
+def _int32s(array: pa.Array) -> np.ndarray:
+    return np.frombuffer(array.buffers()[1], dtype="<i4")[array.offset:array.offset + len(array)]
+
+
+def _read_texts(path: Path) -> _Texts:
+    """Parse a Chinese-CLIP texts file with Arrow's JSON reader; a malformed file is re-read
+    line by line so that the error names the line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return _Texts(np.zeros(0, np.int64), [], np.zeros(1, np.int64), np.zeros(0, np.int64))
+    try:
+        table = pa_json.read_json(path)
+        column = {name: table.column(name).combine_chunks() for name in ("text_id", "text", "image_ids")}
+        if (column["text_id"].type != pa.int64() or column["text"].type != pa.string()
+                or column["image_ids"].type != pa.list_(pa.int64()) or column["text_id"].null_count):
+            raise TypeError("unexpected column types")
+        ids = _int64s(column["text_id"])
+        texts = column["text"].to_pylist()
+        lists = column["image_ids"]
+        starts = _int32s(lists.offsets).astype(np.int64)
+        flat = _int64s(lists.values)[starts[0]:starts[-1]]
+        starts = starts - starts[0]
+        if lists.null_count or any(t is None for t in texts):
+            raise ValueError("null values")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError, ValueError):
+        records = tsv.read_texts(path)  # raises naming the bad line
+        ids = np.asarray([t.text_id for t in records], np.int64)
+        texts = [t.text for t in records]
+        starts = np.cumsum([0] + [len(t.image_ids) for t in records]).astype(np.int64)
+        flat = np.asarray([i for t in records for i in t.image_ids], np.int64)
+    return _Texts(ids, texts, starts, flat)
+
+
+@dataclass
+class _Split:
+    """One split's inputs after the referential checks."""
+
+    lines: tsv.MappedTsv                   # the image TSV
+    keep_lines: np.ndarray                 # (TSV lines,) bool: the images stored, in TSV order
+    image_ids: np.ndarray                  # stored image ids in store (= TSV) order
+    texts: _Texts                          # kept texts, image ids restricted to stored images
+    skipped: list[dict] = field(default_factory=list)
+
+
+def _unique_ids(lines: tsv.MappedTsv) -> np.ndarray:
+    ids = lines.ids
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) < len(ids):
+        dup = int(uniq[np.argmax(counts > 1)])
+        where = np.flatnonzero(ids == dup) + 1
+        raise LmdbBuildError(f"{lines.path}:{where[1]}: image id {dup} already on line {where[0]}; image ids must "
+                             "be unique (re-ingest the dataset)")
+    return ids
+
+
+def _check_split(split: str, tsv_dir: Path, features_dir: Path | None, tags: dict[int, ImageTags] | None,
+                 feature_ids: list[int] | None) -> _Split:
+    imgs = tsv.imgs_path(tsv_dir, split)
+    try:
+        lines = tsv.MappedTsv(imgs)
+    except ValueError as e:
+        raise LmdbBuildError(f"{e}; re-ingest the dataset (`mmcn ingest`)") from None
+    ids = _unique_ids(lines)
+    keep = np.ones(len(ids), bool)
+    skipped = []
+    if feature_ids is not None:
+        feature_ids = np.asarray(feature_ids, np.int64)
+        unknown = feature_ids[~np.isin(feature_ids, ids)]
+        if len(unknown):
+            raise LmdbBuildError(f"{features_dir}/{split}: features for image {int(unknown[0])} (and "
+                                 f"{len(unknown) - 1} more), which is not in {imgs}; rerun the features stage")
+        has = np.isin(ids, feature_ids)
+        skipped += [{"split": split, "image_id": int(ids[k]), "reason": "no_features",
+                     "detail": f"{imgs}:{k + 1} has no row in {features_dir}/{split} (see its features_report.json)"}
+                    for k in np.flatnonzero(~has)]
+        keep &= has
+    if tags is not None:
+        has = np.fromiter((int(i) in tags for i in ids), bool, len(ids))
+        skipped += [{"split": split, "image_id": int(ids[k]), "reason": "no_tags",
+                     "detail": "no line in the tags file"} for k in np.flatnonzero(keep & ~has)]
+        keep &= has
+    stored = ids[keep]
+
+    texts_file = tsv.texts_path(tsv_dir, split)
+    t = _read_texts(texts_file)
+    uniq, counts = np.unique(t.ids, return_counts=True)
+    if (counts > 1).any():
+        raise LmdbBuildError(f"{texts_file}: text id {int(uniq[np.argmax(counts > 1)])} appears twice; "
+                             "text ids must be unique")
+    ok = np.isin(t.image_ids, stored)
+    owner = np.repeat(np.arange(len(t.ids)), np.diff(t.starts))
+    for k in np.flatnonzero(~ok):
+        text_id, image_id = int(t.ids[owner[k]]), int(t.image_ids[k])
+        skipped.append({"split": split, "text_id": text_id, "image_id": image_id,
+                        "reason": "pair_image_left_out" if image_id in ids else "pair_without_image",
+                        "detail": f"{texts_file}: text {text_id} names image {image_id}"})
+    kept_per_text = np.bincount(owner[ok], minlength=len(t.ids))
+    keep_text = (kept_per_text > 0) | (np.diff(t.starts) == 0)
+    for k in np.flatnonzero(~keep_text):
+        skipped.append({"split": split, "text_id": int(t.ids[k]), "reason": "text_without_image",
+                        "detail": f"{texts_file}: none of its images is stored"})
+    texts = _Texts(t.ids[keep_text], [s for s, k in zip(t.texts, keep_text) if k],
+                   np.concatenate([[0], np.cumsum(kept_per_text[keep_text])]).astype(np.int64),
+                   t.image_ids[ok & keep_text[owner]])
+    return _Split(lines, keep, stored, texts, skipped)
+
+
+def build_lmdb(tsv_dir: Path, out_dir: Path, features_dir: Path | None = None, tags_dir: Path | None = None,
+               cfg: LmdbConfig = LmdbConfig(), splits: Sequence[str] | None = None) -> dict:
+    """Build ``out_dir/{split}/`` for every split of ``tsv_dir`` (see the module docstring).
+
+    Without ``features_dir`` the store holds images and texts only; without ``tags_dir``,
+    no Chinese tags. Returns the report (also written to ``out_dir/lmdb_report.json``).
+    """
+    start = time.perf_counter()
+    tsv_dir, out_dir = Path(tsv_dir), Path(out_dir)
+    splits = list(splits or tsv.splits_in(tsv_dir))
+    if not splits:
+        raise FileNotFoundError(f"{tsv_dir}: no *_imgs.tsv files; run the ingest stage first")
+    checked, tags = {}, {}
+    for split in splits:  # every check before anything is written
+        tags[split] = None
+        if tags_dir is not None:
+            path = tags_path(tags_dir, split)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: run the translate stage first")
+            tags[split] = {t.image_id: t for t in read_tags(path)}
+        feature_ids = None
+        if features_dir is not None:
+            feature_ids = [r["image_id"] for r in F.iter_columns(features_dir, split, ("image_id",))]
+        checked[split] = _check_split(split, tsv_dir, features_dir, tags[split], feature_ids)
+    skipped = [s for c in checked.values() for s in c.skipped]
+    if skipped and cfg.strict:
+        listing = "\n".join(f"  {s}" for s in skipped[:50])
+        raise LmdbBuildError(f"lmdb.strict: {len(skipped)} records would be left out:\n{listing}")
+
+    for stale in out_dir.parent.glob(f"{out_dir.name}.tmp-*"):  # left by a killed build
+        log.info("removing %s, left by an interrupted build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    report = {"splits": {}, "skipped": skipped}
+    for split in splits:
+        report["splits"][split] = _write_split(split, checked[split], tsv_dir, features_dir, tags_dir, tags[split],
+                                               tmp / split, cfg)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    (tmp / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    log.info("lmdb: %s in %.1fs, %d records left out (see %s)",
+             {s: (c["images"], c["texts"], c["pairs"]) for s, c in report["splits"].items()},
+             report["seconds"], len(skipped), out_dir / REPORT)
+    return report
+
+
+def _text_blocks(texts: list[str]) -> Iterator[bytes]:
+    """Texts in blocks of TEXT_BLOCK: u32 LE offsets (count + 1, absolute in the block), then UTF-8."""
+    for first in range(0, len(texts), TEXT_BLOCK):
+        data = [s.encode("utf-8") for s in texts[first:first + TEXT_BLOCK]]
+        header = 4 * (len(data) + 1)
+        offsets = np.concatenate([[0], np.cumsum([len(d) for d in data])]) + header
+        yield offsets.astype("<u4").tobytes() + b"".join(data)
+
+
+def _write_split(split: str, data: _Split, tsv_dir: Path, features_dir: Path | None, tags_dir: Path | None,
+                 tags: dict[int, ImageTags] | None, out: Path, cfg: LmdbConfig) -> dict:
+    files = {p.name: p for p in (tsv.imgs_path(tsv_dir, split), tsv.texts_path(tsv_dir, split)) if p.is_file()}
+    if features_dir is not None:
+        files.update({f"features/{split}/{p.name}": p for p in F.shard_paths(features_dir, split)})
+    if tags_dir is not None:
+        files[f"tags/{split}.jsonl"] = tags_path(tags_dir, split)
+    hashing = ThreadPoolExecutor(1)  # checksums on the second core while the main thread writes
+    digests = {name: hashing.submit(_checksum, path) for name, path in files.items()}
+    features = _by_id(F.iter_split(features_dir, split)) if features_dir is not None else None
+    n, texts = len(data.image_ids), data.texts
+    per_shard = max(1, -(-n // cfg.shards))
+    n_pairs = len(texts.image_ids)
+    counts = {"images": n, "texts": len(texts.ids), "pairs": n_pairs, "boxes": 0, "map_grown": 0}
+
+    def shard_writer(shard: int) -> _EnvWriter:
+        if cfg.shards > 1:
+            out.mkdir(exist_ok=True)
+        return _EnvWriter(out if cfg.shards == 1 else out / f"shard-{shard:05d}", cfg.map_size_mb << 20,
+                          cfg.commit_bytes_mb << 20)
+
+    def finish(w: _EnvWriter, shard: int) -> None:
+        ids = data.image_ids[shard * per_shard:(shard + 1) * per_shard]
+        main = {b"image_ids": ids.astype("<i8").tobytes()}
+        first = shard == 0
+        for k, block in enumerate(_text_blocks(texts.texts) if first else []):
+            w.put("texts", k, block)
+        main[b"text_ids"] = (texts.ids if first else np.zeros(0, np.int64)).astype("<i8").tobytes()
+        main[b"text_pairs"] = (texts.starts if first else np.zeros(1, np.int64)).astype("<i8").tobytes()
+        pairs = np.stack([np.repeat(texts.ids, np.diff(texts.starts)), texts.image_ids], axis=1) if first \
+            else np.zeros((0, 2), np.int64)
+        main[b"pairs"] = pairs.astype("<i8").tobytes()
+        meta = {"schema_version": SCHEMA_VERSION, "split": split, "shard": shard, "shards": cfg.shards,
+                "counts": {"images": len(ids), "texts": len(texts.ids) if first else 0,
+                           "pairs": n_pairs if first else 0},
+                "feature_dim": F.FEATURE_DIM if features is not None else 0, "has_tags": tags is not None,
+                "sources": {name: d.result() for name, d in digests.items()}}
+        main[b"meta"] = json.dumps(meta, sort_keys=True).encode()
+        w.flush(main)
+        counts["map_grown"] += w.grown
+        w.close()
+
+    shard, w = 0, shard_writer(0)
+    bar = tqdm(total=n, desc=f"lmdb {split}", unit="img", leave=False, miniters=1000)
+    kept = np.flatnonzero(data.keep_lines).tolist()
+    chunks = [kept[i:i + DECODE_CHUNK] for i in range(0, len(kept), DECODE_CHUNK)]
+    pos = 0
+    for chunk, images in zip(chunks, _prefetch(lambda c: [tsv.decode_b64(data.lines.payload(k)) for k in c], chunks)):
+        for line, image in zip(chunk, images):
+            if pos == (shard + 1) * per_shard:
+                finish(w, shard)
+                shard, w = shard + 1, shard_writer(shard + 1)
+            local = pos - shard * per_shard
+            w.put("images", local, image)
+            if features is not None:
+                image_id = int(data.lines.ids[line])
+                r = features(image_id)
+                w.put("features", local, np.ascontiguousarray(r.features, dtype="<f4").tobytes())
+                w.put("regions", local, _pack_regions(r, tags.get(image_id) if tags is not None else None))
+                counts["boxes"] += r.num_boxes
+            pos += 1
+        bar.update(len(chunk))
+    bar.close()
+    data.lines.close()
+    finish(w, shard)
+    for rest in range(shard + 1, cfg.shards):  # more shards than images: empty ones keep the layout regular
+        finish(shard_writer(rest), rest)
+    hashing.shutdown()
+    return counts
+
+
+def _prefetch(fn, items: list, depth: int = 4) -> Iterator:
+    """``map(fn, items)`` computed ahead in a worker thread (at most ``depth`` results
+    waiting), so that base64 decoding overlaps the LMDB writes on another core."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = [pool.submit(fn, item) for item in items[:depth]]
+        for k in range(len(items)):
+            result = pending.pop(0).result()
+            if k + depth < len(items):
+                pending.append(pool.submit(fn, items[k + depth]))
+            yield result
+
+
+def _by_id(records: Iterator[F.RegionFeatures]):
+    """Look-up by id over a stream in (nearly) the same order: holds only what it skipped."""
+    waiting: dict[int, F.RegionFeatures] = {}
+
+    def get(image_id: int) -> F.RegionFeatures:
+        if image_id in waiting:
+            return waiting.pop(image_id)
+        for r in records:
+            if r.image_id == image_id:
+                return r
+            waiting[r.image_id] = r
+        raise LmdbBuildError(f"no features for image {image_id}; rerun the features stage")
+
+    return get
+
+
+def _pack_regions(r: F.RegionFeatures, tags: ImageTags | None) -> bytes:
+    if tags is not None and len(tags.tags) != r.num_boxes:
+        raise LmdbBuildError(f"image {r.image_id}: {len(tags.tags)} tags for {r.num_boxes} boxes; the tags are "
+                             "stale, rerun the translate stage")
+    return msgpack.packb({
+        "width": r.width, "height": r.height, "num_boxes": r.num_boxes,
+        "boxes": np.ascontiguousarray(r.boxes, dtype="<f4").tobytes(), "classes": list(r.classes),
+        "conf": np.ascontiguousarray(r.class_conf, dtype="<f4").tobytes(),
+        "attributes": [list(a) for a in r.attributes],
+        "objects_zh": tags.objects if tags else [], "attributes_zh": tags.attributes if tags else [],
+        "tags": tags.tags if tags else [],
+    })
+
+
+# --------------------------------------------------------------------------- reading
+
+@dataclass
+class ImageRecord:
+    """One stored image; fields not asked for stay ``None``. ``features`` is a read-only
+    view of the memory-mapped store (``.copy()`` it to write into it)."""
+
+    image_id: int
+    image: bytes | None = None
+    features: np.ndarray | None = None          # (n, feature_dim) float32
+    width: int = 0
+    height: int = 0
+    boxes: np.ndarray | None = None             # (n, 4) float32, pixels
+    classes: list[str] | None = None
+    conf: np.ndarray | None = None
+    attributes: list[list[str]] | None = None
+    objects_zh: list[str] | None = None
+    attributes_zh: list[list[str]] | None = None
+    tags: list[str] | None = None
+
+    @property
+    def tag_text(self) -> str:
+        return tag_text(self.tags or [])
+
+
+def _shard_dirs(path: Path) -> list[Path]:
+    if (path / "data.mdb").is_file():
+        return [path]
+    shards = sorted(p for p in path.glob("shard-*") if (p / "data.mdb").is_file())
+    if not shards:
+        raise FileNotFoundError(f"{path}: no LMDB store here; run the lmdb stage (or `mmcn build-lmdb`)")
+    return shards
+
+
+_OPEN: dict[tuple, tuple] = {}  # this process's read-only envs (py-lmdb allows one handle per env and process)
+_OPEN_PID: list[int] = [0]
+
+
+def _open_readonly(path: Path) -> tuple:
+    """``(env, databases, txn)`` of a store shard, shared by every reader in this process.
+
+    The store never changes once built, so one read transaction stays open for the life
+    of the process and hands out zero-copy buffers. Keyed by the data file's inode, so a
+    store rebuilt under the same path opens afresh; a forked DataLoader worker opens its own.
+    """
+    if _OPEN_PID[0] != os.getpid():
+        _OPEN.clear()
+        _OPEN_PID[0] = os.getpid()
+    st = os.stat(path / "data.mdb")
+    key = (str(path), st.st_dev, st.st_ino)
+    if key not in _OPEN:
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_dbs=len(DBS) + 1)
+        dbs = {name: env.open_db(name.encode(), create=False) for name in DBS}
+        _OPEN[key] = (env, dbs, env.begin(buffers=True))
+    return _OPEN[key]
+
+
+class LmdbStore:
+    """Read access to one split's store: ``len`` (images), ``[i]`` by position, :meth:`by_id`,
+    :meth:`text` / :meth:`text_at`, ``pairs`` (text_id, image_id) and ``pair_positions``
+    (text position, image position). Environments open lazily in each process
+    (``readonly=True, lock=False``) and are shared by the stores of that process, so a
+    store can be handed to DataLoader workers (forked or spawned).
+    """
+
+    FIELDS = ("image", "features", "regions")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._dirs = _shard_dirs(self.path)
+        self._pid: int | None = None
+        self._handles: list | None = None
+        self.metas, ids = [], []
+        for k in range(len(self._dirs)):
+            _, _, txn = self._env(k)
+            meta = json.loads(bytes(txn.get(b"meta")))
+            if meta["schema_version"] != SCHEMA_VERSION:
+                raise ValueError(f"{self._dirs[k]}: schema version {meta['schema_version']}, this mmcn reads "
+                                 f"{SCHEMA_VERSION}; rebuild it with `mmcn build-lmdb`")
+            self.metas.append(meta)
+            ids.append(np.frombuffer(txn.get(b"image_ids"), dtype="<i8"))
+            if k == 0:
+                self.text_ids = np.frombuffer(txn.get(b"text_ids"), dtype="<i8")
+                self._text_pairs = np.frombuffer(txn.get(b"text_pairs"), dtype="<i8")
+                self.pairs = np.frombuffer(txn.get(b"pairs"), dtype="<i8").reshape(-1, 2)
+        self.meta = self.metas[0]
+        self.image_ids = np.concatenate(ids)
+        self._starts = [int(v) for v in np.cumsum([0] + [len(a) for a in ids])]
+        self.feature_dim = int(self.meta["feature_dim"])
+        self._positions: dict[int, int] | None = None
+        self._text_positions: dict[int, int] | None = None
+
+    def _env(self, shard: int) -> tuple:
+        if self._pid != os.getpid():  # first use in this process
+            self._handles, self._pid = [None] * len(self._dirs), os.getpid()
+        handle = self._handles[shard]
+        if handle is None:
+            handle = self._handles[shard] = _open_readonly(self._dirs[shard])
+        return handle
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_positions": None, "_text_positions": None, "_handles": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.text_ids)
+
+    @property
+    def pair_positions(self) -> np.ndarray:
+        """``pairs`` as (text position, image position) rows, for positional reads."""
+        text_pos = np.repeat(np.arange(self.num_texts), np.diff(self._text_pairs))
+        order = np.argsort(self.image_ids, kind="stable")
+        image_pos = order[np.searchsorted(self.image_ids, self.pairs[:, 1], sorter=order)]
+        return np.stack([text_pos, image_pos], axis=1)
+
+    def index_of(self, image_id: int) -> int:
+        if self._positions is None:
+            self._positions = {int(i): k for k, i in enumerate(self.image_ids)}
+        try:
+            return self._positions[int(image_id)]
+        except KeyError:
+            raise KeyError(f"image {image_id} is not in {self.path}") from None
+
+    def by_id(self, image_id: int, fields: Sequence[str] = FIELDS) -> ImageRecord:
+        return self.get(self.index_of(image_id), fields)
+
+    def __getitem__(self, index: int) -> ImageRecord:
+        return self.get(index)
+
+    def get(self, index: int, fields: Sequence[str] = FIELDS) -> ImageRecord:
+        """Image ``index`` (store order) with the chosen ``fields``: image, features, regions."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"image index {index} out of range 0..{len(self) - 1} in {self.path}")
+        shard = bisect.bisect_right(self._starts, index) - 1
+        _, dbs, txn = self._env(shard)
+        key = _key(index - self._starts[shard])
+        rec = ImageRecord(int(self.image_ids[index]))
+        if "image" in fields:
+            rec.image = bytes(txn.get(key, db=dbs["images"]))
+        if "features" in fields and self.feature_dim:
+            rec.features = np.frombuffer(txn.get(key, db=dbs["features"]), dtype="<f4").reshape(-1, self.feature_dim)
+        if "regions" in fields and self.feature_dim:
+            r = msgpack.unpackb(txn.get(key, db=dbs["regions"]))
+            rec.width, rec.height = r["width"], r["height"]
+            rec.boxes = np.frombuffer(r["boxes"], dtype="<f4").reshape(-1, 4)
+            rec.conf = np.frombuffer(r["conf"], dtype="<f4")
+            rec.classes, rec.attributes = r["classes"], r["attributes"]
+            rec.objects_zh, rec.attributes_zh, rec.tags = r["objects_zh"], r["attributes_zh"], r["tags"]
+        return rec
+
+    def text(self, text_id: int) -> tsv.Text:
+        if self._text_positions is None:
+            self._text_positions = {int(i): k for k, i in enumerate(self.text_ids)}
+        if int(text_id) not in self._text_positions:
+            raise KeyError(f"text {text_id} is not in {self.path}")
+        return self.text_at(self._text_positions[int(text_id)])
+
+    def text_str(self, index: int) -> str:
+        """The text at position ``index`` (just the string: the fast path for training)."""
+        _, dbs, txn = self._env(0)
+        block = txn.get(_key(index // TEXT_BLOCK), db=dbs["texts"])
+        start, end = struct.unpack_from("<2I", block, 4 * (index % TEXT_BLOCK))
+        return str(block[start:end], "utf-8")
+
+    def text_at(self, index: int) -> tsv.Text:
+        if not 0 <= index < self.num_texts:
+            raise IndexError(f"text index {index} out of range 0..{self.num_texts - 1} in {self.path}")
+        images = self.pairs[self._text_pairs[index]:self._text_pairs[index + 1], 1]
+        return tsv.Text(int(self.text_ids[index]), self.text_str(index), [int(i) for i in images])
+
+    def texts(self) -> Iterator[tsv.Text]:
+        for i in range(self.num_texts):
+            yield self.text_at(i)
