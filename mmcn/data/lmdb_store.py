@@ -150,9 +150,24 @@ class _Texts:
     """A texts file as arrays: ids, texts, and each text's image ids (CSR: ``starts``)."""
 
     ids: np.ndarray          # (n,) int64
-    texts: list[str]
+    text_offsets: np.ndarray # (n + 1,) int64 offsets into text_data
+    text_data: bytes         # every text's UTF-8, concatenated
     starts: np.ndarray       # (n + 1,) int64 offsets into image_ids
     image_ids: np.ndarray    # flat int64
+
+    def select(self, keep: np.ndarray, image_keep: np.ndarray) -> "_Texts":
+        """The texts where ``keep``, with only their image ids where ``image_keep``."""
+        owner = np.repeat(np.arange(len(self.ids)), np.diff(self.starts))
+        image_keep = image_keep & keep[owner]
+        counts = np.bincount(owner[image_keep], minlength=len(self.ids))[keep]
+        if keep.all():
+            offsets, data = self.text_offsets, self.text_data
+        else:
+            spans = [(int(self.text_offsets[k]), int(self.text_offsets[k + 1])) for k in np.flatnonzero(keep)]
+            data = b"".join(self.text_data[a:b] for a, b in spans)
+            offsets = np.concatenate([[0], np.cumsum([b - a for a, b in spans])]).astype(np.int64)
+        return _Texts(self.ids[keep], offsets, data, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                      self.image_ids[image_keep])
 
 
 def _int64s(array: pa.Array) -> np.ndarray:
@@ -169,7 +184,7 @@ def _read_texts(path: Path) -> _Texts:
     """Parse a Chinese-CLIP texts file with Arrow's JSON reader; a malformed file is re-read
     line by line so that the error names the line."""
     if not path.is_file() or path.stat().st_size == 0:
-        return _Texts(np.zeros(0, np.int64), [], np.zeros(1, np.int64), np.zeros(0, np.int64))
+        return _Texts(np.zeros(0, np.int64), np.zeros(1, np.int64), b"", np.zeros(1, np.int64), np.zeros(0, np.int64))
     try:
         table = pa_json.read_json(path)
         column = {name: table.column(name).combine_chunks() for name in ("text_id", "text", "image_ids")}
@@ -177,20 +192,24 @@ def _read_texts(path: Path) -> _Texts:
                 or column["image_ids"].type != pa.list_(pa.int64()) or column["text_id"].null_count):
             raise TypeError("unexpected column types")
         ids = _int64s(column["text_id"])
-        texts = column["text"].to_pylist()
-        lists = column["image_ids"]
+        text, lists = column["text"], column["image_ids"]
+        if lists.null_count or text.null_count:
+            raise ValueError("null values")
+        _, offsets_buffer, data_buffer = text.buffers()  # UTF-8 straight from Arrow's buffers
+        offsets = np.frombuffer(offsets_buffer, "<i4")[text.offset:text.offset + len(text) + 1].astype(np.int64)
+        data = data_buffer.to_pybytes()[offsets[0]:offsets[-1]] if data_buffer is not None else b""
+        offsets -= offsets[0]
         starts = _int32s(lists.offsets).astype(np.int64)
         flat = _int64s(lists.values)[starts[0]:starts[-1]]
         starts = starts - starts[0]
-        if lists.null_count or any(t is None for t in texts):
-            raise ValueError("null values")
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError, ValueError):
         records = tsv.read_texts(path)  # raises naming the bad line
         ids = np.asarray([t.text_id for t in records], np.int64)
-        texts = [t.text for t in records]
+        encoded = [t.text.encode("utf-8") for t in records]
+        data, offsets = b"".join(encoded), np.cumsum([0] + [len(e) for e in encoded]).astype(np.int64)
         starts = np.cumsum([0] + [len(t.image_ids) for t in records]).astype(np.int64)
         flat = np.asarray([i for t in records for i in t.image_ids], np.int64)
-    return _Texts(ids, texts, starts, flat)
+    return _Texts(ids, offsets, data, starts, flat)
 
 
 @dataclass
@@ -261,9 +280,7 @@ def _check_split(split: str, tsv_dir: Path, features_dir: Path | None, tags: dic
     for k in np.flatnonzero(~keep_text):
         skipped.append({"split": split, "text_id": int(t.ids[k]), "reason": "text_without_image",
                         "detail": f"{texts_file}: none of its images is stored"})
-    texts = _Texts(t.ids[keep_text], [s for s, k in zip(t.texts, keep_text) if k],
-                   np.concatenate([[0], np.cumsum(kept_per_text[keep_text])]).astype(np.int64),
-                   t.image_ids[ok & keep_text[owner]])
+    texts = t.select(keep_text, ok)
     return _Split(lines, keep, stored, texts, skipped)
 
 
@@ -316,13 +333,13 @@ def build_lmdb(tsv_dir: Path, out_dir: Path, features_dir: Path | None = None, t
     return report
 
 
-def _text_blocks(texts: list[str]) -> Iterator[bytes]:
+def _text_blocks(texts: _Texts) -> Iterator[bytes]:
     """Texts in blocks of TEXT_BLOCK: u32 LE offsets (count + 1, absolute in the block), then UTF-8."""
-    for first in range(0, len(texts), TEXT_BLOCK):
-        data = [s.encode("utf-8") for s in texts[first:first + TEXT_BLOCK]]
-        header = 4 * (len(data) + 1)
-        offsets = np.concatenate([[0], np.cumsum([len(d) for d in data])]) + header
-        yield offsets.astype("<u4").tobytes() + b"".join(data)
+    offsets = texts.text_offsets
+    for first in range(0, len(texts.ids), TEXT_BLOCK):
+        span = offsets[first:first + TEXT_BLOCK + 1]
+        header = 4 * len(span)
+        yield (span - span[0] + header).astype("<u4").tobytes() + texts.text_data[span[0]:span[-1]]
 
 
 def _write_split(split: str, data: _Split, tsv_dir: Path, features_dir: Path | None, tags_dir: Path | None,
@@ -350,7 +367,7 @@ def _write_split(split: str, data: _Split, tsv_dir: Path, features_dir: Path | N
         ids = data.image_ids[shard * per_shard:(shard + 1) * per_shard]
         main = {b"image_ids": ids.astype("<i8").tobytes()}
         first = shard == 0
-        for k, block in enumerate(_text_blocks(texts.texts) if first else []):
+        for k, block in enumerate(_text_blocks(texts) if first else []):
             w.put("texts", k, block)
         main[b"text_ids"] = (texts.ids if first else np.zeros(0, np.int64)).astype("<i8").tobytes()
         main[b"text_pairs"] = (texts.starts if first else np.zeros(1, np.int64)).astype("<i8").tobytes()
