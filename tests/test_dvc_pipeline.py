@@ -1,7 +1,9 @@
 """The DVC contract: a real git + DVC repo in a temp dir, `dvc repro` on tiny demo params.
 
 The pipeline reproduces end to end; a second `dvc repro` runs nothing; changing one
-stage's param reruns exactly that stage and its descendants.
+stage's param reruns exactly that stage and its descendants (upstream changes are checked
+with `dvc repro lmdb`, so that the model stages do not train again for each of them);
+`dvc metrics diff` / `dvc params diff` show what changed between two commits.
 """
 from __future__ import annotations
 
@@ -17,11 +19,19 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"size": "tiny", "max_text_len": 24, "max_tag_len": 12, "max_regions": 4}
+TINY_TRAIN = {"epochs": 1, "batch_size": 8, "checkpoint_every": 1000}
+TINY_EVAL = {"caption": {"num_beams": 1, "max_length": 6, "batch_size": 8},
+             "retrieval": {"rerank_k": 2, "batch_size": 8}}
 TINY = {"demo": {"train": 12, "valid": 4, "test": 4}, "ingest": {"workers": 1},
         "detector": {"epochs": 1, "batch_size": 4, "warmup_steps": 1, "max_images": 8},
-        "features": {"min_boxes": 2, "max_boxes": 4, "shard_size": 8}}
-ALL_STAGES = {"demo", "ingest", "detector", "features", "translate", "lmdb"}
-AFTER_FEATURES = {"features", "translate", "lmdb"}
+        "features": {"min_boxes": 2, "max_boxes": 4, "shard_size": 8},
+        "train": {"workers": 0, "cpus_per_worker": 1},  # in-process: Ray Train workers are tested in test_train
+        "caption": {"model": TINY_MODEL, "train": TINY_TRAIN, "eval": TINY_EVAL["caption"]},
+        "retrieval": {"model": TINY_MODEL, "train": TINY_TRAIN, "eval": TINY_EVAL["retrieval"]}}
+MODEL_STAGES = {"train@caption", "train@retrieval", "evaluate@caption", "evaluate@retrieval"}
+DATA_STAGES = {"demo", "ingest", "detector", "features", "translate", "lmdb"}
+ALL_STAGES = DATA_STAGES | MODEL_STAGES
 
 
 def run(repo: Path, *cmd: str) -> str:
@@ -40,14 +50,18 @@ def set_params(repo: Path, changes: dict) -> None:
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text(encoding="utf-8"))
     for section, values in changes.items():
-        params[section].update(values)
+        for key, value in values.items():
+            if isinstance(value, dict):
+                params[section][key].update(value)
+            else:
+                params[section][key] = value
     path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     (repo / "data").mkdir()
     shutil.copy(ROOT / "data/labels_zh_overrides.tsv", repo / "data/labels_zh_overrides.tsv")
@@ -75,32 +89,55 @@ def test_repro_end_to_end_then_nothing_then_only_what_changed(repo):
     translate = json.loads((repo / "metrics/translate.json").read_text(encoding="utf-8"))
     assert translate["coverage"] == 100.0 and translate["images"]["train"] == 12
     assert (repo / "data/lmdb/train/data.mdb").is_file() and (repo / "data/lmdb/lmdb_report.json").is_file()
+    for task in ("caption", "retrieval"):
+        assert (repo / f"models/{task}/model.safetensors").is_file()
+        assert json.loads((repo / f"metrics/train_{task}.json").read_text())["steps"] > 0
+    assert (repo / "plots/train_caption.csv").read_text().startswith("step,epoch,loss,lr")
+    assert list(repo.glob(".ray_results/caption-*/tokenizer")) and not list(repo.glob("models/*/state.pt"))
+    caption = json.loads((repo / "metrics/caption.json").read_text(encoding="utf-8"))
+    assert {"Bleu_4", "CIDEr", "baseline_most_frequent_caption"} <= set(caption) and caption["n_images"] == 4
+    retrieval = json.loads((repo / "metrics/retrieval.json").read_text(encoding="utf-8"))
+    assert {"t2i", "i2t", "mean_recall", "baseline_chance"} <= set(retrieval)
+    assert (repo / "reports/caption/predictions.jsonl").is_file()
+    assert (repo / "reports/retrieval/t2i_predictions.jsonl").is_file()
     shown = run(repo, *dvc, "metrics", "show")
-    assert "detector.json" in shown and "translate.json" in shown
+    for name in ("detector.json", "translate.json", "train_caption.json", "caption.json", "retrieval.json"):
+        assert name in shown
 
     assert ran(run(repo, *dvc, "repro")) == set()
     assert "up to date" in run(repo, *dvc, "status")
 
+    # a caption learning-rate change reruns caption training and its evaluation only, and the
+    # two commits' metrics differ in `dvc metrics diff`
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "baseline run")
+    set_params(repo, {"caption": {"train": {"lr": 0.003}}})
+    assert ran(run(repo, *dvc, "repro")) == {"train@caption", "evaluate@caption"}
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "caption lr 0.003")
+    diff = run(repo, *dvc, "metrics", "diff", "HEAD~1", "HEAD")
+    assert "metrics/train_caption.json" in diff and "final_loss" in diff
+    assert "caption.train.lr" in run(repo, *dvc, "params", "diff", "HEAD~1", "HEAD")
+
+    # upstream changes rerun exactly the changed stage and what follows it (checked up to
+    # lmdb, so that the model stages train once more at the end only)
     set_params(repo, {"features": {"score_thresh": 0.3}})
-    assert ran(run(repo, *dvc, "repro")) == AFTER_FEATURES
+    assert ran(run(repo, *dvc, "repro", "lmdb")) == {"features", "translate", "lmdb"}
 
     overrides = repo / "data/labels_zh_overrides.tsv"  # rename every demo shape: some box must change
     renamed = {"circle": "圆片", "square": "方片", "triangle": "三角片", "star": "星片", "heart": "心片", "cross": "叉片"}
     overrides.write_text(overrides.read_text(encoding="utf-8") +
                          "".join(f"{en}\t{zh}\tobject\n" for en, zh in renamed.items()), encoding="utf-8")
-    assert ran(run(repo, *dvc, "repro")) == {"translate", "lmdb"}
+    assert ran(run(repo, *dvc, "repro", "lmdb")) == {"translate", "lmdb"}
     assert json.loads((repo / "metrics/translate.json").read_text(encoding="utf-8"))["overrides"] == 12
     assert any(zh in (repo / "data/labels_zh/train.jsonl").read_text(encoding="utf-8") for zh in renamed.values())
 
     set_params(repo, {"lmdb": {"shards": 2}})
-    assert ran(run(repo, *dvc, "repro")) == {"lmdb"}
+    assert ran(run(repo, *dvc, "repro", "lmdb")) == {"lmdb"}
 
     set_params(repo, {"detector": {"lr": 0.01}})
-    assert ran(run(repo, *dvc, "repro")) == {"detector"} | AFTER_FEATURES
-
-    set_params(repo, {"ingest": {"max_side": 64}})
-    assert ran(run(repo, *dvc, "repro")) == {"ingest", "detector"} | AFTER_FEATURES
+    assert ran(run(repo, *dvc, "repro", "lmdb")) == {"detector", "features", "translate", "lmdb"}
 
     set_params(repo, {"demo": {"seed": 1}})
-    assert ran(run(repo, *dvc, "repro")) == ALL_STAGES
-    assert ran(run(repo, *dvc, "repro")) == set()
+    assert ran(run(repo, *dvc, "repro", "lmdb")) == DATA_STAGES
+    assert "train@caption" in run(repo, *dvc, "status")  # the model stages are now out of date

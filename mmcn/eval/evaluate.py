@@ -1,0 +1,258 @@
+"""Evaluation of trained models on an LMDB split, model work spread over a Ray Data actor
+pool (one GPU per actor when asked for, CPU otherwise):
+
+* captions: generate one caption per image (greedy or beam search), score BLEU-1..4,
+  ROUGE-L and CIDEr-D against the references (pycocoevalcap's numbers, Chinese char or
+  jieba tokens), next to a baseline: the most frequent training caption for every image;
+* retrieval: dual-encoder scores of every text against every image, both directions,
+  optionally re-ranked by the cross-encoder on each query's top k; Chinese-CLIP's recall,
+  next to the expected recall of a random ranking.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmcn.data.eval_files import write_caption_predictions, write_caption_scores, write_retrieval_predictions
+from mmcn.data.lmdb_store import LmdbStore
+from mmcn.eval.caption_metrics import METRICS, score_captions
+from mmcn.eval.retrieval_metrics import KS, gold_ranks, recalls_from_ranks, topk
+from mmcn.text.segment import tokenize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 32
+    workers: int = 1              # Ray Data model actors
+    use_gpu: bool = False         # one GPU per actor
+    # captioning
+    num_beams: int = 3
+    max_length: int = 30
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    tokenize: str = "char"        # char | jieba
+    # retrieval
+    rerank_k: int = 10            # cross-encoder re-ranking of each query's top k (0: off)
+
+
+class ModelActor:
+    """A Ray Data actor holding one model, its tokenizer and the store; ``mode`` picks the job."""
+
+    def __init__(self, model_dir: str, store_path: str, cfg: dict, mode: str):
+        import torch
+
+        from mmcn.data.datasets import CaptionDataset, RetrievalDataset
+        from mmcn.models.factory import load_model
+        from mmcn.models.inputs import CaptionCollator, RetrievalCollator
+        from mmcn.text.tokenizer import load_tokenizer
+
+        self.cfg, self.mode = EvalConfig(**cfg), mode
+        self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        _, self.model = load_model(model_dir)
+        self.model.to(self.device).eval()
+        self.tok = load_tokenizer(model_dir)
+        if mode == "caption":
+            self.data = CaptionDataset(store_path, per_image=True)
+            self.collate = CaptionCollator(self.tok, self.model.config, train=False)
+        else:
+            self.data = RetrievalDataset(store_path)
+            self.collate = RetrievalCollator(self.tok, self.model.config)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                             enabled=self.device.type == "cuda"):
+            return getattr(self, self.mode)(batch)
+
+    def _inputs(self, items: list[dict], keys: tuple[str, ...]) -> list:
+        b = self.collate(items)
+        return [b[k].to(self.device) for k in keys]
+
+    def caption(self, batch: dict) -> dict:
+        from mmcn.text.tokenizer import detokenize
+
+        c = self.cfg
+        ids, scores = self.model.generate(*self._inputs([self.data[int(i)] for i in batch["index"]],
+                                                        ("tag_ids", "tag_mask", "img_feats", "img_mask")),
+                                          cls_id=self.tok.cls_token_id, sep_id=self.tok.sep_token_id,
+                                          mask_id=self.tok.mask_token_id, pad_id=self.tok.pad_token_id,
+                                          num_beams=c.num_beams, max_length=c.max_length,
+                                          length_penalty=c.length_penalty, no_repeat_ngram_size=c.no_repeat_ngram_size)
+        return {"index": batch["index"], "caption": np.array([detokenize(self.tok.decode(x)) for x in ids], dtype=object),
+                "score": np.array(scores, dtype=np.float32)}
+
+    def embed(self, batch: dict) -> dict:
+        """Dual-encoder embeddings of texts (``index`` < 0: text ``-index - 1``) and images."""
+        index = np.asarray(batch["index"])
+        out = np.zeros((len(index), self.model.config.embed_dim), np.float32)
+        texts, images = np.flatnonzero(index < 0), np.flatnonzero(index >= 0)
+        if len(texts):
+            out[texts] = self.model.encode_text(*self._inputs([self.data.text(int(-index[k] - 1)) for k in texts],
+                                                              ("text_ids", "text_mask"))).float().cpu().numpy()
+        if len(images):
+            out[images] = self.model.encode_image(*self._inputs(
+                [self.data.image(int(index[k])) for k in images],
+                ("image_tag_ids", "image_tag_mask", "img_feats", "img_mask"))).float().cpu().numpy()
+        return {"index": index, "embedding": list(out)}
+
+    def match(self, batch: dict) -> dict:
+        items = [{**self.data.text(int(t)), **self.data.image(int(i))} for t, i in zip(batch["text"], batch["image"])]
+        score = self.model.match_score(*self._inputs(items, ("text_ids", "text_mask", "tag_ids", "tag_mask",
+                                                             "img_feats", "img_mask")))
+        return {"text": batch["text"], "image": batch["image"], "score": score.float().cpu().numpy()}
+
+
+def _run(model_dir: Path, store_path: Path, cfg: EvalConfig, mode: str, rows: list[dict]) -> list[dict]:
+    """``rows`` through a pool of ``cfg.workers`` :class:`ModelActor`; results in input order."""
+    import ray
+
+    ds = ray.data.from_items(rows).map_batches(
+        ModelActor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+        num_gpus=1 if cfg.use_gpu else 0, num_cpus=1,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "store_path": str(store_path), "cfg": asdict(cfg),
+                               "mode": mode})
+    key = "index" if "index" in rows[0] else None
+    out = ds.take_all()
+    if key:
+        out.sort(key=lambda r: r[key])
+    return out
+
+
+def most_frequent_caption(store: LmdbStore) -> str:
+    """The training caption paired with the most images (ties: the first in store order)."""
+    counts = Counter()
+    for t in range(store.num_texts):
+        counts[t] = int(store._text_pairs[t + 1] - store._text_pairs[t])
+    return store.text_str(counts.most_common(1)[0][0])
+
+
+def evaluate_captions(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalConfig = EvalConfig(),
+                      split: str = "test") -> dict:
+    """Caption every image of ``split``, score against its references; writes
+    ``predictions.jsonl`` and ``per_image.jsonl`` into ``out_dir``; returns the metrics."""
+    start = time.perf_counter()
+    model_dir, store_path, out_dir = Path(model_dir).resolve(), Path(lmdb_dir).resolve() / split, Path(out_dir)
+    store = LmdbStore(store_path)
+    rows = _run(model_dir, store_path, cfg, "caption", [{"index": i} for i in range(len(store))])
+    captions = {int(store.image_ids[r["index"]]): str(r["caption"]) for r in rows}
+    refs: dict[int, list[str]] = {int(i): [] for i in store.image_ids}
+    for text_pos, image_pos in store.pair_positions.tolist():
+        refs[int(store.image_ids[image_pos])].append(store.text_str(text_pos))
+    scored = [i for i in refs if refs[i]]
+    if not scored:
+        raise ValueError(f"{store_path}: no image has a reference caption; nothing to score")
+    tok_refs = {i: [tokenize(c, cfg.tokenize) for c in refs[i]] for i in scored}
+    scores = score_captions(tok_refs, {i: tokenize(captions[i], cfg.tokenize) for i in scored})
+    baseline_caption = most_frequent_caption(LmdbStore(Path(lmdb_dir).resolve() / "train"))
+    baseline = score_captions(tok_refs, {i: tokenize(baseline_caption, cfg.tokenize) for i in scored})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_caption_predictions(out_dir / "predictions.jsonl", captions)
+    per_image = {r["image_id"]: r for r in scores.rows()}
+    write_caption_scores(out_dir / "per_image.jsonl", (
+        {"image_id": i, "caption": captions[i], "references": refs[i],
+         **{k: round(float(v), 6) for k, v in per_image.get(i, {}).items() if k != "image_id"}} for i in refs))
+    metrics = {**{k: round(scores.corpus[k], 6) for k in METRICS},
+               "baseline_most_frequent_caption": {**{k: round(baseline.corpus[k], 6) for k in METRICS},
+                                                  "caption": baseline_caption},
+               "n_images": len(scored), "n_without_references": len(refs) - len(scored), "split": split,
+               "tokenize": cfg.tokenize, "num_beams": cfg.num_beams, "seconds": round(time.perf_counter() - start, 1)}
+    log.info("captions of %d %s images: CIDEr %.3f BLEU-4 %.3f (baseline CIDEr %.3f) in %.0fs", len(scored), split,
+             metrics["CIDEr"], metrics["Bleu_4"], metrics["baseline_most_frequent_caption"]["CIDEr"],
+             metrics["seconds"])
+    return metrics
+
+
+def chance_recall(n_items: int, gold_counts: list[int], ks=KS) -> dict[str, float]:
+    """Expected recall (percent) of a random ranking: P(hit@k) = 1 - C(N-g, k) / C(N, k)."""
+    out = {}
+    for k in ks:
+        p = [1.0 - (math.comb(n_items - g, k) / math.comb(n_items, k) if n_items - g >= k else 0.0)
+             for g in gold_counts]
+        out[f"r{k}"] = 100.0 * sum(p) / len(p)
+    out["mean_recall"] = sum(out[f"r{k}"] for k in ks) / len(ks)
+    return out
+
+
+def evaluate_retrieval(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalConfig = EvalConfig(),
+                       split: str = "test") -> dict:
+    """Rank every image for every text (t2i) and every text for every image (i2t); writes
+    Chinese-CLIP prediction files (top 10) into ``out_dir``; returns the metrics."""
+    start = time.perf_counter()
+    model_dir, store_path, out_dir = Path(model_dir).resolve(), Path(lmdb_dir).resolve() / split, Path(out_dir)
+    store = LmdbStore(store_path)
+    n_texts, n_images = store.num_texts, len(store)
+    rows = _run(model_dir, store_path, cfg, "embed", [{"index": -t - 1} for t in range(n_texts)] +
+                [{"index": i} for i in range(n_images)])  # sorted by index: texts (reversed) then images
+    text_emb = np.stack([r["embedding"] for r in rows[:n_texts]])[::-1]
+    image_emb = np.stack([r["embedding"] for r in rows[n_texts:]])
+    scores = text_emb @ image_emb.T                      # (texts, images) cosine similarities
+    text_gold: list[list[int]] = [[] for _ in range(n_texts)]
+    image_gold: list[list[int]] = [[] for _ in range(n_images)]
+    for t, i in store.pair_positions.tolist():
+        text_gold[t].append(i)
+        image_gold[i].append(t)
+    queries = [i for i in range(n_images) if image_gold[i]]
+    results = {"dual": _recalls(scores, scores.T, text_gold, image_gold, queries)}
+    t2i_scores, i2t_scores = scores, scores.T
+    if cfg.rerank_k:
+        t2i_scores, i2t_scores = _rerank(model_dir, store_path, cfg, scores)
+        results["rerank"] = _recalls(t2i_scores, i2t_scores, text_gold, image_gold, queries)
+    final = results["rerank" if cfg.rerank_k else "dual"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    top_t2i, top_i2t = topk(t2i_scores, min(10, n_images)), topk(i2t_scores, min(10, n_texts))
+    write_retrieval_predictions(out_dir / "t2i_predictions.jsonl", "t2i", {
+        int(store.text_ids[t]): [int(store.image_ids[i]) for i in top_t2i[t]] for t in range(n_texts)})
+    write_retrieval_predictions(out_dir / "i2t_predictions.jsonl", "i2t", {
+        int(store.image_ids[i]): [int(store.text_ids[t]) for t in top_i2t[i]] for i in queries})
+    chance_t2i = chance_recall(n_images, [len(g) for g in text_gold if g])
+    chance_i2t = chance_recall(n_texts, [len(image_gold[i]) for i in queries])
+    metrics = {**final, "dual_encoder": results["dual"], **({"reranked": results["rerank"]} if cfg.rerank_k else {}),
+               "baseline_chance": {"t2i": chance_t2i, "i2t": chance_i2t,
+                                   "mean_recall": (chance_t2i["mean_recall"] + chance_i2t["mean_recall"]) / 2},
+               "n_texts": n_texts, "n_images": n_images, "rerank_k": cfg.rerank_k, "split": split,
+               "seconds": round(time.perf_counter() - start, 1)}
+    log.info("retrieval on %s (%d texts x %d images): mean recall %.2f (dual encoder %.2f, chance %.2f) in %.0fs",
+             split, n_texts, n_images, final["mean_recall"], results["dual"]["mean_recall"],
+             metrics["baseline_chance"]["mean_recall"], metrics["seconds"])
+    return metrics
+
+
+def _recalls(t2i_scores: np.ndarray, i2t_scores: np.ndarray, text_gold, image_gold, queries) -> dict:
+    t2i = recalls_from_ranks(gold_ranks(t2i_scores, text_gold))
+    i2t = recalls_from_ranks(gold_ranks(i2t_scores, image_gold)[queries])
+    return {"t2i": _round(t2i), "i2t": _round(i2t), "mean_recall": round((t2i["mean_recall"] + i2t["mean_recall"]) / 2, 4)}
+
+
+def _round(d: dict) -> dict:
+    return {k: round(v, 4) for k, v in d.items()}
+
+
+def _rerank(model_dir: Path, store_path: Path, cfg: EvalConfig, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(texts x images, images x texts) scores where each query's top k are ordered by the
+    cross-encoder and placed above everything else; the rest keep the dual encoder's order."""
+    k_i, k_t = min(cfg.rerank_k, scores.shape[1]), min(cfg.rerank_k, scores.shape[0])
+    t2i, i2t = topk(scores, k_i), topk(scores.T, k_t)
+    pairs = {(t, int(i)) for t in range(scores.shape[0]) for i in t2i[t]}
+    pairs |= {(int(t), i) for i in range(scores.shape[1]) for t in i2t[i]}
+    rows = [{"text": t, "image": i} for t, i in sorted(pairs)]
+    match = {(int(r["text"]), int(r["image"])): float(r["score"]) for r in _run(model_dir, store_path, cfg, "match",
+                                                                                  rows)}
+    # a log-probability is <= 0; shifting by 10 lifts the re-ranked candidates above every cosine (<= 1)
+    text_side = scores.copy()
+    for t in range(scores.shape[0]):
+        for i in t2i[t]:
+            text_side[t, i] = 10.0 + match[(t, int(i))]
+    image_side = scores.T.copy()
+    for i in range(scores.shape[1]):
+        for t in i2t[i]:
+            image_side[i, t] = 10.0 + match[(int(t), i)]
+    return text_side, image_side

@@ -1,0 +1,80 @@
+"""What the Oscar-style models share: a BERT over text tokens followed by region features
+(2054 → hidden, linear + LayerNorm, no position embeddings), run under an explicit
+attention mask. Built on transformers' BERT so models save and load with
+``save_pretrained`` / ``from_pretrained``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, BertPreTrainedModel
+
+SIZES = {  # name -> (hidden, layers, heads, intermediate)
+    "tiny": (64, 2, 2, 128),       # tests
+    "small": (128, 3, 4, 512),     # the CPU demo (a few minutes on 2 cores)
+    "medium": (256, 4, 4, 1024),
+    "base": (768, 12, 12, 3072),   # BERT-base (GPU)
+}
+
+
+class VLConfig(BertConfig):
+    """BERT's config plus the region-feature and layout settings."""
+
+    model_type = "mmcn_vl"
+
+    def __init__(self, img_feature_dim: int = 2054, max_text_len: int = 32, max_tag_len: int = 32,
+                 max_regions: int = 50, add_od_labels: bool = True, **kwargs):
+        kwargs.setdefault("attn_implementation", "sdpa")
+        super().__init__(**kwargs)
+        self.img_feature_dim = img_feature_dim
+        self.max_text_len = max_text_len      # text segment incl. [CLS] and [SEP]
+        self.max_tag_len = max_tag_len        # tag segment incl. its [SEP]
+        self.max_regions = max_regions
+        self.add_od_labels = add_od_labels
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L, L) bool "query may attend to key" -> (B, 1, L, L) additive mask for BERT's layers."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device) \
+        .masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def bidirectional(key_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) valid-key mask -> (B, L, L): every position sees every valid position."""
+    return key_mask[:, None, :].expand(-1, key_mask.shape[1], -1)
+
+
+class VLPreTrainedModel(BertPreTrainedModel):
+    """A BERT encoder whose sequence is ``text tokens ⊕ regions``."""
+
+    config_class = VLConfig
+
+    def __init__(self, config: VLConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.img_embedding = nn.Linear(config.img_feature_dim, config.hidden_size)
+        self.img_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.img_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, img_feats: torch.Tensor | None,
+               allowed: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T + R, H) of text tokens (B, T) then regions (B, R, 2054) under ``allowed``."""
+        hidden = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        if img_feats is not None and img_feats.shape[1]:
+            regions = self.img_dropout(self.img_norm(self.img_embedding(img_feats.to(hidden.dtype))))
+            hidden = torch.cat([hidden, regions], dim=1)
+        return self.bert.encoder(hidden, attention_mask=additive_mask(allowed, hidden.dtype)).last_hidden_state
+
+    def freeze(self, embedding: bool = False, visual: bool = False) -> None:
+        """Freeze the word embeddings and/or the region projection (Oscar's fine-tuning options)."""
+        self.bert.embeddings.word_embeddings.weight.requires_grad_(not embedding)
+        for p in (*self.img_embedding.parameters(), *self.img_norm.parameters()):
+            p.requires_grad_(not visual)
+
+
+def load_pretrained_bert(model: VLPreTrainedModel, path: str) -> None:
+    """Copy a local pretrained BERT's weights (e.g. a downloaded Mengzi-BERT) into ``model.bert``."""
+    bert = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+    missing, unexpected = model.bert.load_state_dict(bert.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "position_ids" not in k]:
+        raise ValueError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")

@@ -1,0 +1,49 @@
+"""Build a task's model from a size name (or a local pretrained BERT), and load saved ones."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import BertConfig
+
+from mmcn.models.base import SIZES, VLPreTrainedModel, load_pretrained_bert
+from mmcn.models.caption import CaptionConfig, CaptionModel
+from mmcn.models.retrieval import RetrievalConfig, RetrievalModel
+
+TASKS = {"caption": (CaptionConfig, CaptionModel), "retrieval": (RetrievalConfig, RetrievalModel)}
+MODEL_TYPES = {config.model_type: (task, model) for task, (config, model) in TASKS.items()}
+
+
+def build_model(task: str, vocab_size: int, size: str = "small", init: str = "", **settings) -> VLPreTrainedModel:
+    """A new ``task`` model: BERT of ``size`` (tiny | small | base) trained from scratch, or,
+    when ``init`` names a local pretrained BERT directory, that BERT's shape and weights.
+    ``settings`` are the task config's own fields (layout, loss options)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    config_cls, model_cls = TASKS[task]
+    if init:
+        shape = BertConfig.from_pretrained(init, local_files_only=True).to_dict()
+        shape = {k: shape[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                       "max_position_embeddings", "type_vocab_size", "vocab_size", "hidden_act")}
+    else:
+        if size not in SIZES:
+            raise ValueError(f"unknown model size {size!r}: use one of {', '.join(SIZES)}")
+        hidden, layers, heads, inter = SIZES[size]
+        shape = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                 "intermediate_size": inter, "vocab_size": vocab_size, "max_position_embeddings": 512}
+    model = model_cls(config_cls(**shape, **settings))
+    if init:
+        load_pretrained_bert(model, init)
+    return model
+
+
+def load_model(path: Path | str) -> tuple[str, VLPreTrainedModel]:
+    """``(task, model)`` of a saved model directory (``save_pretrained`` layout)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} is missing: not a model folder written by mmcn")
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{config}: model_type {model_type!r} is not an mmcn model ({', '.join(MODEL_TYPES)})")
+    task, model_cls = MODEL_TYPES[model_type]
+    return task, model_cls.from_pretrained(str(path), local_files_only=True)

@@ -1,0 +1,316 @@
+"""Training with Ray Train (V2 ``TorchTrainer``): one readable loop per worker, run the
+same on a laptop (CPU workers, gloo) and on a cluster (GPU workers, nccl, bf16).
+
+:func:`train` (the driver) builds or loads the tokenizer, starts the trainer and exports
+the final model in ``save_pretrained`` layout. :func:`train_loop` (every worker) trains:
+AdamW, warmup then linear/cosine decay, gradient accumulation and clipping, a
+checkpoint every ``checkpoint_every`` optimizer steps and at each epoch's end, a valid
+evaluation per epoch. Checkpoints live under ``storage_path/run_name`` (outside DVC's
+outputs); the run name is a fingerprint of the data and settings, so rerunning a killed
+training with the same inputs continues from its last checkpoint (Ray Train restores the
+run from storage), and ``FailureConfig`` restarts crashed workers from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+STATE = "state.pt"
+HISTORY = "history.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32            # per worker
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1       # share of the optimizer steps
+    schedule: str = "linear"        # linear | cosine (after warmup)
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 200     # optimizer steps (and at every epoch's end)
+    freeze_embedding: bool = False
+    freeze_visual: bool = False
+    mask_prob: float = 0.15         # caption: share of caption tokens masked
+    max_masked: int = 3             # caption: most masked tokens per caption
+    workers: int = 1                # Ray Train workers (0: in the driver process, for tests)
+    cpus_per_worker: int = 1        # CPU threads of each worker's torch
+    use_gpu: bool = False
+    max_failures: int = 2           # worker crashes survived (restart from the last checkpoint)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule must be linear or cosine, got {self.schedule!r}")
+        if self.grad_accum < 1 or self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("epochs, batch_size and grad_accum must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    task: str                       # caption | retrieval
+    size: str = "small"             # tiny | small | base (ignored when init is given)
+    init: str = ""                  # local pretrained BERT directory, or "" to train from scratch
+    settings: dict = field(default_factory=dict)   # the task config's own fields (layout, loss options)
+
+
+# --------------------------------------------------------------------------- the driver
+
+def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, storage_path: Path) -> dict:
+    """Train ``spec`` on ``lmdb_dir/train`` (valid on ``lmdb_dir/valid``), export the model to
+    ``out_dir`` and return the summary (steps, final losses, valid metrics, history)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mmcn.data.lmdb_store import LmdbStore
+    from mmcn.text.tokenizer import build_tokenizer, load_tokenizer
+
+    lmdb_dir, out_dir, storage_path = Path(lmdb_dir).resolve(), Path(out_dir).resolve(), Path(storage_path).resolve()
+    train_store = LmdbStore(lmdb_dir / "train")
+    run_name = f"{spec.task}-{_fingerprint(spec, cfg, train_store)}"
+    run_dir = storage_path / run_name
+    tokenizer_dir = run_dir / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        if spec.init:
+            tokenizer = load_tokenizer(spec.init)
+        else:
+            texts = [t.text for t in train_store.texts()]
+            texts += [train_store.get(i, ("regions",)).tag_text for i in range(len(train_store))]
+            tokenizer = build_tokenizer(texts)
+        tokenizer.save_pretrained(str(tokenizer_dir))
+    loop_config = {"spec": asdict(spec), "cfg": asdict(cfg), "lmdb_dir": str(lmdb_dir),
+                   "tokenizer_dir": str(tokenizer_dir), "run_name": run_name}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                                                     **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO/WARNING lines (a line per report, and a State-API warning every
+            # second when the dashboard is off) would bury the loop's epoch lines
+            logging_config=ray.train.LoggingConfig(log_level="ERROR")))
+    start = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {run_name} produced no checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        state = torch.load(Path(ckpt) / STATE, map_location="cpu", weights_only=True)
+        history = json.loads((Path(ckpt) / HISTORY).read_text())
+    model = _build(spec, len(load_tokenizer(tokenizer_dir)))
+    model.load_state_dict(state["model"])
+    summary = {"task": spec.task, "run": run_name, "steps": state["step"], "epochs": cfg.epochs,
+               "seconds": round(time.perf_counter() - start, 1), "resumed_from_step": history["resumed_from"],
+               "train": history["train"], "valid": history["valid"]}
+    export(model, tokenizer_dir, out_dir, {"task": spec.task, "model": asdict(spec), "train": asdict(cfg),
+                                           "lmdb": str(lmdb_dir), "run": run_name, "steps": state["step"]})
+    log.info("%s: %d steps in %.0fs (resumed from step %s), model in %s", spec.task, state["step"],
+             summary["seconds"], history["resumed_from"], out_dir)
+    return summary
+
+
+def export(model, tokenizer_dir: Path, out_dir: Path, metadata: dict) -> None:
+    """``save_pretrained`` layout: config.json + model.safetensors + tokenizer + mmcn.json."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, tmp / f.name)
+    (tmp / "mmcn.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def _fingerprint(spec: ModelSpec, cfg: TrainConfig, store) -> str:
+    settings = {**asdict(spec), **{k: v for k, v in asdict(cfg).items() if k not in ("max_failures", "cpus_per_worker")}}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps(store.meta["sources"], sort_keys=True).encode())
+    return digest.hexdigest()[:12]
+
+
+def _build(spec: ModelSpec, vocab_size: int):
+    from mmcn.models.factory import build_model
+
+    return build_model(spec.task, vocab_size, spec.size, spec.init, **spec.settings)
+
+
+# --------------------------------------------------------------------------- every worker
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+    from transformers import get_scheduler
+
+    from mmcn.text.tokenizer import load_tokenizer
+
+    spec, cfg = ModelSpec(**config["spec"]), TrainConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    tokenizer = load_tokenizer(config["tokenizer_dir"])
+
+    model = _build(spec, len(tokenizer))
+    model.freeze(embedding=cfg.freeze_embedding, visual=cfg.freeze_visual)
+    dataset, collate = _task_data(spec.task, Path(config["lmdb_dir"]) / "train", tokenizer, model.config, cfg,
+                                  seed=cfg.seed)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
+    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+
+    step, history = 0, {"train": [], "valid": [], "resumed_from": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # continue where the last run (or a crashed worker) stopped
+        with checkpoint.as_directory() as ckpt:
+            state = torch.load(Path(ckpt) / STATE, map_location="cpu", weights_only=True)
+            history = json.loads((Path(ckpt) / HISTORY).read_text())
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = history["resumed_from"] = state["step"]
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    started = time.perf_counter()
+
+    staging = Path(tempfile.gettempdir()) / "mmcn-checkpoints" / config["run_name"]
+
+    def save(metrics: dict) -> None:
+        """Report metrics, with a checkpoint from rank 0 (Ray copies it into the run's storage)."""
+        ckpt = None
+        if rank == 0:
+            path = staging / f"step-{step:08d}"
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step}, path / STATE)
+            (path / HISTORY).write_text(json.dumps(history))
+            ckpt = ray.train.Checkpoint.from_directory(str(path))
+        ray.train.report(metrics, checkpoint=ckpt)
+        if rank == 0:  # keep the last two local copies (the in-process mode reads them in place)
+            for old in sorted(staging.glob("step-*"))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        if getattr(collate, "generator", None) is not None:  # caption masks: a seeded stream per epoch and rank
+            collate.generator.manual_seed(cfg.seed * 100_003 + epoch * world + rank)
+        model.train()
+        skip = (step - epoch * steps_per_epoch) * cfg.grad_accum  # batches this epoch already trained on
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue
+            if i >= steps_per_epoch * cfg.grad_accum:
+                break
+            with autocast:
+                loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            if (i + 1) % cfg.grad_accum:
+                continue
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history["train"].append({"step": step, "epoch": round(epoch + (i + 1) / len(loader), 4),
+                                     "loss": round(loss.item() * cfg.grad_accum, 5),
+                                     "lr": scheduler.get_last_lr()[0],
+                                     "seconds": round(time.perf_counter() - started, 3)})
+            if step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+                save({"step": step, "loss": history["train"][-1]["loss"]})
+        valid = _validate(spec.task, core, Path(config["lmdb_dir"]) / "valid", tokenizer, cfg, device) \
+            if rank == 0 else {}
+        history["valid"].append({"epoch": epoch + 1, "step": step, **valid})
+        if rank == 0:  # forwarded to the driver's log by Ray
+            recent = [r["loss"] for r in history["train"][-steps_per_epoch:]]
+            print(f"[mmcn.train] {spec.task} epoch {epoch + 1}/{cfg.epochs}: step {step}, "
+                  f"loss {sum(recent) / max(len(recent), 1):.4f}, {valid}", flush=True)
+        save({"step": step, "epoch": epoch + 1, **valid})
+
+
+def _task_data(task: str, store_path: Path, tokenizer, model_config, cfg: TrainConfig, seed: int | None = None):
+    from mmcn.data.datasets import CaptionDataset, RetrievalDataset
+    from mmcn.models.inputs import CaptionCollator, RetrievalCollator
+
+    if task == "caption":
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        return CaptionDataset(store_path), CaptionCollator(tokenizer, model_config, True, cfg.mask_prob,
+                                                           cfg.max_masked, generator=gen)
+    return RetrievalDataset(store_path), RetrievalCollator(tokenizer, model_config)
+
+
+@torch.no_grad()
+def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, device) -> dict:
+    """Caption: masked-token loss and accuracy on valid (fixed masks); retrieval: dual-encoder
+    recall (t2i / i2t R@1, mean recall) over the whole valid split."""
+    from torch.utils.data import DataLoader
+
+    if not (store_path / "data.mdb").exists() and not list(store_path.glob("shard-*")):
+        return {}
+    model.eval()
+    move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    if task == "caption":
+        dataset, collate = _task_data(task, store_path, tokenizer, model.config, cfg, seed=0)
+        losses, correct, total = [], 0, 0
+        for batch in DataLoader(dataset, batch_size=64, collate_fn=collate):
+            out = model(**move(batch))
+            losses.append(out.loss.item() * len(out.correct))
+            correct, total = correct + int(out.correct.sum()), total + len(out.correct)
+        return {"valid_loss": round(sum(losses) / max(total, 1), 5),
+                "valid_token_accuracy": round(100.0 * correct / max(total, 1), 3)}
+    from mmcn.eval.retrieval_metrics import retrieval_scores
+
+    text_emb, image_emb, scores = _embed_split(model, store_path, tokenizer, device)
+    dataset = _task_data(task, store_path, tokenizer, model.config, cfg)[0]
+    position = {int(i): k for k, i in enumerate(dataset.store.image_ids)}
+    gold = [[position[i] for i in dataset.text(t)["image_ids"]] for t in range(dataset.store.num_texts)]
+    r = retrieval_scores(scores.numpy(), gold, ks=(1, 5))
+    return {"valid_t2i_r1": round(r["t2i"]["r1"], 3), "valid_i2t_r1": round(r["i2t"]["r1"], 3),
+            "valid_mean_recall": round(r["mean_recall"], 3)}
+
+
+@torch.no_grad()
+def _embed_split(model, store_path: Path, tokenizer, device, batch_size: int = 64):
+    """Dual-encoder embeddings of every text and image of a store, and their (texts × images) scores."""
+    from mmcn.data.datasets import RetrievalDataset
+    from mmcn.models.inputs import RetrievalCollator
+
+    dataset = RetrievalDataset(store_path)
+    collate = RetrievalCollator(tokenizer, model.config)
+    texts, images = [], []
+    for first in range(0, dataset.store.num_texts, batch_size):
+        b = collate([dataset.text(t) for t in range(first, min(first + batch_size, dataset.store.num_texts))])
+        texts.append(model.encode_text(b["text_ids"].to(device), b["text_mask"].to(device)).cpu())
+    for first in range(0, len(dataset.store), batch_size):
+        b = collate([dataset.image(i) for i in range(first, min(first + batch_size, len(dataset.store)))])
+        images.append(model.encode_image(*(b[k].to(device) for k in ("image_tag_ids", "image_tag_mask", "img_feats",
+                                                                      "img_mask"))).cpu())
+    text_emb, image_emb = torch.cat(texts), torch.cat(images)
+    return text_emb, image_emb, text_emb @ image_emb.T

@@ -1,0 +1,21 @@
+"""DVC stage `evaluate@{task}`: score models/{task}/ on data/lmdb/test with Ray Data actors ->
+metrics/{task}.json (with baselines) and reports/{task}/ (predictions, per-image scores)."""
+import json
+import os
+import sys
+from pathlib import Path
+
+from common import stage_params, start, start_ray
+
+from mmcn.eval.evaluate import EvalConfig, evaluate_captions, evaluate_retrieval
+
+if __name__ == "__main__":
+    task = sys.argv[1]
+    log = start(f"evaluate.{task}")
+    cfg = EvalConfig(**stage_params(task)["eval"])
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
+    start_ray()
+    run = {"caption": evaluate_captions, "retrieval": evaluate_retrieval}[task]
+    metrics = run(Path(f"models/{task}"), Path("data/lmdb"), Path(f"reports/{task}"), cfg)
+    Path("metrics").mkdir(exist_ok=True)
+    Path(f"metrics/{task}.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

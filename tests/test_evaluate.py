@@ -1,0 +1,77 @@
+"""Evaluation stages' library: Ray Data generation and ranking, metrics equal to the
+scorers run on the written files, baselines."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmcn.data.lmdb_store import LmdbStore, build_lmdb
+from mmcn.eval.caption_metrics import evaluate_caption_files
+from mmcn.eval.evaluate import EvalConfig, chance_recall, evaluate_captions, evaluate_retrieval
+from mmcn.eval.retrieval_metrics import evaluate_retrieval_files
+from mmcn.train.loop import ModelSpec, TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_lmdb import make_dataset  # noqa: E402
+
+LAYOUT = {"max_text_len": 16, "max_tag_len": 12, "max_regions": 6}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    for split, n in (("train", 10), ("test", 12)):  # >= 10 candidates: Chinese-CLIP scores top-10 lists
+        d = make_dataset(root / split, n_images=n, split=split)
+        build_lmdb(d["tsv"], root / f"built-{split}", d["features"], d["tags"])
+        (root / "lmdb").mkdir(exist_ok=True)
+        (root / f"built-{split}" / split).rename(root / "lmdb" / split)
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, workers=0)
+    for task in ("caption", "retrieval"):
+        train(ModelSpec(task, "tiny", settings=LAYOUT), root / "lmdb", root / task, cfg, root / "ray")
+    return root
+
+
+def test_caption_metrics_match_the_scorer_on_the_written_files(ray_session, trained, tmp_path):
+    metrics = evaluate_captions(trained / "caption", trained / "lmdb", tmp_path, EvalConfig(batch_size=4, num_beams=2,
+                                                                                            max_length=8))
+    store = LmdbStore(trained / "lmdb" / "test")
+    assert metrics["n_images"] == len(store) and metrics["split"] == "test"
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(p["image_id"] for p in preds) == sorted(store.image_ids.tolist())
+    refs = tmp_path / "refs.jsonl"
+    rows = [json.loads(line) for line in (tmp_path / "per_image.jsonl").read_text(encoding="utf-8").splitlines()]
+    refs.write_text("".join(json.dumps({"image_id": r["image_id"], "captions": r["references"]}, ensure_ascii=False)
+                            + "\n" for r in rows), encoding="utf-8")
+    again = evaluate_caption_files(refs, tmp_path / "predictions.jsonl").summary
+    for key in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"):
+        assert metrics[key] == pytest.approx(again[key], abs=1e-6)
+        assert key in metrics["baseline_most_frequent_caption"]
+    assert metrics["baseline_most_frequent_caption"]["caption"]
+    assert all("CIDEr" in r and r["caption"] == next(p["caption"] for p in preds if p["image_id"] == r["image_id"])
+               for r in rows)
+
+
+def test_retrieval_metrics_match_chinese_clip_scoring_of_the_written_files(ray_session, trained, tmp_path):
+    metrics = evaluate_retrieval(trained / "retrieval", trained / "lmdb", tmp_path, EvalConfig(batch_size=4,
+                                                                                              rerank_k=3))
+    assert set(metrics) >= {"t2i", "i2t", "mean_recall", "dual_encoder", "reranked", "baseline_chance"}
+    texts = tmp_path / "texts.jsonl"
+    store = LmdbStore(trained / "lmdb" / "test")
+    texts.write_text("".join(json.dumps(t.to_json(), ensure_ascii=False) + "\n" for t in store.texts()),
+                     encoding="utf-8")
+    for direction in ("t2i", "i2t"):
+        scored = evaluate_retrieval_files(texts, tmp_path / f"{direction}_predictions.jsonl", direction)
+        assert scored["success"], scored
+        for k in ("r1", "r5"):
+            assert metrics[direction][k] == pytest.approx(scored["scoreJson"][k], abs=1e-3)
+    assert 0 <= metrics["mean_recall"] <= 100
+
+
+def test_chance_recall():
+    assert chance_recall(10, [1, 1]) == {"r1": pytest.approx(10.0), "r5": pytest.approx(50.0), "r10": 100.0,
+                                         "mean_recall": pytest.approx(160 / 3)}
+    two = chance_recall(10, [2])
+    assert two["r1"] == pytest.approx(20.0) and two["r5"] == pytest.approx(100 * (1 - 56 / 252))

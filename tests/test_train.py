@@ -1,0 +1,114 @@
+"""Ray Train: the loop in-process and with 2 CPU workers (DDP over gloo), export in HF
+layout, and a training killed mid-way resuming from its last checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mmcn.data.datasets import CaptionDataset
+from mmcn.data.lmdb_store import LmdbStore, build_lmdb
+from mmcn.models.factory import load_model
+from mmcn.models.inputs import CaptionCollator
+from mmcn.text.tokenizer import load_tokenizer
+from mmcn.train.loop import ModelSpec, TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_lmdb import make_dataset  # noqa: E402
+
+LAYOUT = {"max_text_len": 16, "max_tag_len": 16, "max_regions": 6}
+
+
+@pytest.fixture(scope="module")
+def lmdb_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    for split, n in (("train", 12), ("valid", 5)):
+        d = make_dataset(root / split, n_images=n, split=split)
+        build_lmdb(d["tsv"], root / f"built-{split}", d["features"], d["tags"])
+        (root / "lmdb").mkdir(exist_ok=True)
+        (root / f"built-{split}" / split).rename(root / "lmdb" / split)
+    return root / "lmdb"
+
+
+def pairs(lmdb_dir: Path) -> int:
+    return len(LmdbStore(lmdb_dir / "train").pairs)
+
+
+def test_in_process_training_exports_a_model_that_loads(lmdb_dir, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, checkpoint_every=2, workers=0)
+    summary = train(ModelSpec("caption", "tiny", settings=LAYOUT), lmdb_dir, tmp_path / "model", cfg, tmp_path / "ray")
+    steps_per_epoch = pairs(lmdb_dir) // 4  # drop_last
+    assert summary["steps"] == 2 * steps_per_epoch == len(summary["train"])
+    assert [v["epoch"] for v in summary["valid"]] == [1, 2] and "valid_token_accuracy" in summary["valid"][0]
+    assert summary["train"][0]["lr"] > 0 and summary["train"][-1]["step"] == summary["steps"]
+    task, model = load_model(tmp_path / "model")
+    tok = load_tokenizer(tmp_path / "model")
+    meta = json.loads((tmp_path / "model" / "mmcn.json").read_text())
+    assert task == "caption" and meta["steps"] == summary["steps"] and meta["train"]["lr"] == 1e-3
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "model").iterdir()}
+    batch = CaptionCollator(tok, model.config, train=False)([CaptionDataset(lmdb_dir / "valid", per_image=True)[0]])
+    ids, scores = model.eval().generate(batch["tag_ids"], batch["tag_mask"], batch["img_feats"], batch["img_mask"],
+                                        tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, max_length=5)
+    assert len(ids) == 1 and scores[0] <= 0
+
+
+def test_two_cpu_workers(ray_session, lmdb_dir, tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=2, lr=1e-3, checkpoint_every=100, workers=2)
+    summary = train(ModelSpec("retrieval", "tiny", settings=LAYOUT), lmdb_dir, tmp_path / "model", cfg,
+                    tmp_path / "ray")
+    assert summary["steps"] == pairs(lmdb_dir) // 2 // 2  # the pairs split over 2 workers, 2 per batch
+    assert "valid_mean_recall" in summary["valid"][-1]
+    assert load_model(tmp_path / "model")[0] == "retrieval"
+
+
+def test_killed_training_resumes_from_its_checkpoint(lmdb_dir, tmp_path):
+    script = textwrap.dedent(f"""
+        import ray
+        from pathlib import Path
+        from mmcn.train.loop import ModelSpec, TrainConfig, train
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        cfg = TrainConfig(epochs=4, batch_size=4, lr=1e-3, checkpoint_every=4, workers=1)
+        s = train(ModelSpec("caption", "tiny", settings={LAYOUT!r}), Path({str(lmdb_dir)!r}),
+                  Path({str(tmp_path / 'model')!r}), cfg, Path({str(tmp_path / 'ray')!r}))
+        print("RESUMED_FROM", s["resumed_from_step"], "STEPS", s["steps"], "HISTORY", [r["step"] for r in s["train"]])
+    """)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((tmp_path / "ray").glob("caption-*/checkpoint_*"))) < 2:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray: killed mid-training
+    proc.wait()
+    assert not (tmp_path / "model").exists()
+
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESUMED_FROM"))
+    resumed, steps = int(line.split()[1]), int(line.split()[3])
+    history = json.loads(line.split("HISTORY", 1)[1])
+    total = 4 * (pairs(lmdb_dir) // 4)
+    assert 0 < resumed < total and (resumed % 4 == 0 or resumed % (pairs(lmdb_dir) // 4) == 0)  # a checkpoint
+    assert steps == total and history == list(range(1, total + 1))  # no step lost or done twice
+    assert load_model(tmp_path / "model")[0] == "caption"
+
+
+def test_seeded_training_is_deterministic_on_cpu(lmdb_dir, tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, workers=0, seed=7)
+    runs = [train(ModelSpec("caption", "tiny", settings=LAYOUT), lmdb_dir, tmp_path / f"m{k}", cfg, tmp_path / f"r{k}")
+            for k in range(2)]
+    # same data order, masks, dropout and initialisation: the same losses, up to the float
+    # summation order of CPU kernels (which may depend on memory alignment)
+    first, second = ([r["loss"] for r in run["train"]] for run in runs)
+    assert len(first) == len(second) > 2 and first == pytest.approx(second, rel=1e-3)
+    other = train(ModelSpec("caption", "tiny", settings=LAYOUT), lmdb_dir, tmp_path / "m2",
+                  TrainConfig(epochs=1, batch_size=4, lr=1e-3, workers=0, seed=8), tmp_path / "r2")
+    assert [r["loss"] for r in other["train"]] != pytest.approx(first, rel=1e-3)
