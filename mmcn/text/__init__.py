@@ -1,1 +1,1 @@
-"""Chinese text handling: word/character segmentation for evaluation (and later, tokenizer building)."""
+"""Chinese text: segmentation for the caption metrics, the en→zh label table and translation, model tokenizers."""
