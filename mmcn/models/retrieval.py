@@ -1,7 +1,7 @@
 """Image-text retrieval on one shared BERT (Oscar-style), with two ways to score a pair:
 
 * a **dual encoder** for fast ranking over a whole split: text ``[CLS] text [SEP]`` and
-  image ``[CLS] tags [SEP]`` + regions are encoded separately, their [CLS] states
+  image ``[CLS] tags [SEP]`` + regions are encoded separately, their states mean-pooled,
   projected and L2-normalised; trained with symmetric InfoNCE and a learnable temperature;
 * a **cross-encoder matcher** ``[CLS] text [SEP] tags [SEP]`` + regions -> match / no match,
   trained on the positives and on negatives made by swapping in the hardest other text
@@ -37,6 +37,13 @@ class RetrievalOutput:
     similarity: torch.Tensor       # (B, B) text x image cosine similarities
 
 
+def _mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the valid positions' states: unlike a fresh model's [CLS] state, which is
+    nearly the same for every input, it starts out telling inputs apart."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 class RetrievalModel(VLPreTrainedModel):
     config_class = RetrievalConfig
 
@@ -50,13 +57,13 @@ class RetrievalModel(VLPreTrainedModel):
 
     def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encode(text_ids, torch.zeros_like(text_ids), None, bidirectional(text_mask))
-        return nnf.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
+        return nnf.normalize(self.text_proj(_mean(hidden, text_mask)).float(), dim=-1)
 
     def encode_image(self, tag_ids, tag_mask, img_feats, img_mask) -> torch.Tensor:
-        """``tag_ids`` start with [CLS] here (the image's own summary token)."""
-        hidden = self.encode(tag_ids, torch.ones_like(tag_ids), img_feats,
-                             bidirectional(torch.cat([tag_mask, img_mask], dim=1)))
-        return nnf.normalize(self.image_proj(hidden[:, 0]).float(), dim=-1)
+        """``tag_ids``: ``[CLS] tags [SEP]``; the embedding pools tags and regions."""
+        keys = torch.cat([tag_mask, img_mask], dim=1)
+        hidden = self.encode(tag_ids, torch.ones_like(tag_ids), img_feats, bidirectional(keys))
+        return nnf.normalize(self.image_proj(_mean(hidden, keys)).float(), dim=-1)
 
     def match_logits(self, text_ids, text_mask, tag_ids, tag_mask, img_feats, img_mask) -> torch.Tensor:
         """(B, 2) no-match / match logits of text i with image i; ``tag_ids`` without [CLS]."""

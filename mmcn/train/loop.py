@@ -137,9 +137,14 @@ def export(model, tokenizer_dir: Path, out_dir: Path, metadata: dict) -> None:
 
 
 def _fingerprint(spec: ModelSpec, cfg: TrainConfig, store) -> str:
+    """Settings + training data + the code that trains: a rerun resumes only an identical run."""
     settings = {**asdict(spec), **{k: v for k, v in asdict(cfg).items() if k not in ("max_failures", "cpus_per_worker")}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(json.dumps(store.meta["sources"], sort_keys=True).encode())
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted([*package.glob("models/*.py"), *package.glob("train/*.py"), package / "text/tokenizer.py",
+                        package / "data/datasets.py"]):
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
