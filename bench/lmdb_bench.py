@@ -1,6 +1,6 @@
 """Benchmark: building and reading the LMDB store.
 
-    python bench/lmdb.py [--images 20000] [--texts-per-image 5] [--boxes 10] [--repeat 2]
+    python bench/lmdb_bench.py [--images 20000] [--texts-per-image 5] [--boxes 10] [--repeat 2]
 
 1. Build, records/s (records = images + text-image pairs) and bytes, side by side in one
    run on the same Chinese-CLIP folder, interleaved, best of ``--repeat``:
@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-# This file is named like the lmdb package: keep its folder off the import path.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 import lmdb  # noqa: E402
 import numpy as np  # noqa: E402
 import pybase64  # noqa: E402
