@@ -129,9 +129,7 @@ def _run(model_dir: Path, store_path: Path, cfg: EvalConfig, mode: str, rows: li
 
 def most_frequent_caption(store: LmdbStore) -> str:
     """The training caption paired with the most images (ties: the first in store order)."""
-    counts = Counter()
-    for t in range(store.num_texts):
-        counts[t] = int(store._text_pairs[t + 1] - store._text_pairs[t])
+    counts = Counter(store.pair_positions[:, 0].tolist())  # text position -> its images
     return store.text_str(counts.most_common(1)[0][0])
 
 
