@@ -129,6 +129,102 @@ def _cmd_build_lmdb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chain_settings(args: argparse.Namespace):
+    """The inference chain's settings: params.yaml's ``ingest.max_side``, ``features.*``,
+    ``translate.*`` and ``{task}.eval`` decoding when ``--params`` exists (so that the chain
+    matches the pipeline run in this folder), else the library defaults; flags win."""
+    import yaml
+
+    from mmcn.infer import ChainConfig, Decoding
+    from mmcn.text.translate import TranslateConfig
+    from mmcn.vision.extract import ExtractConfig
+
+    params = {}
+    if args.params and Path(args.params).is_file():
+        params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
+        logging.getLogger("mmcn.cli").info("chain settings from %s", args.params)
+    feats, trans = params.get("features") or {}, params.get("translate") or {}
+    extract = ExtractConfig(**{k: feats[k] for k in ("min_boxes", "max_boxes", "score_thresh", "nms_thresh",
+                                                     "batch_size") if k in feats})
+    translate = TranslateConfig(**{k: trans[k] for k in ("unknown", "max_attributes") if k in trans})
+    chain = ChainConfig(extract, translate, overrides=trans.get("overrides") or "",
+                        max_side=(params.get("ingest") or {}).get("max_side"))
+    evals = ((params.get(args.command) or {}).get("eval") or {})
+    decoding = Decoding(**{k: evals[k] for k in ("num_beams", "max_length", "length_penalty", "no_repeat_ngram_size")
+                           if k in evals})
+    if getattr(args, "num_beams", None):
+        decoding = Decoding(args.num_beams, decoding.max_length, decoding.length_penalty,
+                            decoding.no_repeat_ngram_size)
+    return chain, decoding
+
+
+def _quiet_loading() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per model load says nothing here
+
+
+def _report_skipped(skipped) -> None:
+    for s in skipped:
+        print(f"skipped {s.source}: {s.reason}", file=sys.stderr)
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from mmcn.infer import Captioner, expand_images
+
+    paths, missing = expand_images(args.images)
+    _report_skipped(missing)
+    if not paths:
+        print("error: no images to caption", file=sys.stderr)
+        return 2
+    chain, decoding = _chain_settings(args)
+    _quiet_loading()
+    try:
+        captioner = Captioner.from_dir(args.model, args.detector, chain, decoding, args.device, args.batch_size)
+    except (OSError, ValueError) as e:
+        print(f"error: {e} (run `dvc repro` first, or point --model/--detector at trained models)", file=sys.stderr)
+        return 2
+    results = captioner.caption(paths)
+    for r in results:
+        if r.error:
+            print(f"skipped {r.source}: {r.error}", file=sys.stderr)
+        elif args.json:
+            print(json.dumps({"image": r.source, "caption": r.caption, "score": round(r.score, 4), "tags": r.tags},
+                             ensure_ascii=False))
+        else:
+            print(f"{r.source}\t{r.caption}\t{r.score:.4f}")
+    bad = len(missing) + sum(bool(r.error) for r in results)
+    return 0 if not bad else (1 if len(results) > bad - len(missing) else 2)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from mmcn.infer import Searcher, expand_images
+
+    chain, _ = _chain_settings(args)
+    _quiet_loading()
+    try:
+        searcher = Searcher.from_dir(args.model, args.detector, chain, args.device, args.batch_size)
+        skipped = []
+        if args.lmdb:
+            searcher.index_lmdb(args.lmdb)
+        else:
+            paths, skipped = expand_images(args.images)
+            skipped += searcher.index_images(paths)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _report_skipped(skipped)
+    if not searcher.names:
+        print("error: no images to search", file=sys.stderr)
+        return 2
+    for hit in searcher.search(args.query, args.top_k):
+        if args.json:
+            print(json.dumps({"rank": hit.rank, "image": hit.name, "score": round(hit.score, 4)}, ensure_ascii=False))
+        else:
+            print(f"{hit.rank}\t{hit.score:.4f}\t{hit.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcn", description="Chinese vision-language pipeline (see README).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -260,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TSV of 'english<TAB>chinese[<TAB>object|attribute]' lines that win over the table")
     p.add_argument("--unknown", choices=("keep", "drop", "error"), default="keep",
                    help="labels the table lacks: keep the English word, drop it from the tags, or fail listing them")
-    p.add_argument("--max-attributes", type=int, default=1,
+    p.add_argument("--max-attributes", type=int, default=2,
                    help="attributes per box in its tag text, best first (0: object names only)")
     p.add_argument("--metrics", type=Path, default=None,
                    help="also write the summary (coverage %%, unknown labels with counts) to this JSON file")
@@ -283,6 +379,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail instead of leaving out inconsistent records")
     p.add_argument("--map-size-mb", type=int, default=64, help="initial LMDB map size (doubles when full)")
     p.set_defaults(func=_cmd_build_lmdb)
+
+    p = sub.add_parser(
+        "caption", help="caption raw image files with the trained caption model (detector -> tags -> caption)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Run the whole chain on raw image files: decode, detector (region features), Chinese tags, caption "
+            "model. Prints one line per image: path TAB caption TAB score (log-probability per token), or JSON "
+            "lines with --json. Bad files are reported on stderr and skipped (exit 1; 2 when nothing was "
+            "captioned). Settings follow --params (ingest.max_side, features.*, translate.*, caption.eval) so "
+            "the chain matches the pipeline that trained the model."))
+    p.add_argument("images", nargs="+", help="image files, directories (searched recursively) or glob patterns")
+    p.add_argument("--model", type=Path, default=Path("models/caption"), help="caption model folder")
+    p.add_argument("--json", action="store_true", help="one JSON object per line: image, caption, score, tags")
+    p.add_argument("--num-beams", type=int, default=None, help="beam size (default: caption.eval.num_beams)")
+    p.set_defaults(func=_cmd_caption)
+
+    p = sub.add_parser(
+        "search", help="rank images for a Chinese text query with the trained retrieval model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Embed the query and every image (raw files through the detector chain, or the stored features of an "
+            "LMDB split) with the dual encoder and print the best: rank TAB score (cosine) TAB path or image id."))
+    p.add_argument("query", help='Chinese text, e.g. "一个红色的圆形"')
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--images", nargs="+", help="image files, directories or glob patterns")
+    where.add_argument("--lmdb", type=Path, help="an LMDB split folder, e.g. data/lmdb/test")
+    p.add_argument("--model", type=Path, default=Path("models/retrieval"), help="retrieval model folder")
+    p.add_argument("--top-k", type=int, default=5, help="how many images to print")
+    p.add_argument("--json", action="store_true", help="one JSON object per line: rank, image, score")
+    p.set_defaults(func=_cmd_search)
+
+    for name in ("caption", "search"):
+        p = sub.choices[name]
+        p.add_argument("--detector", type=Path, default=Path("models/detector"), help="detector folder")
+        p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                       help="the pipeline's params file to take the chain's settings from (ignored when missing)")
+        p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:1")
+        p.add_argument("--batch-size", type=int, default=16, help="images per model forward")
     return parser
 
 

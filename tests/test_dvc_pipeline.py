@@ -1,12 +1,15 @@
 """The DVC contract: a real git + DVC repo in a temp dir, `dvc repro` on tiny demo params.
 
-The pipeline reproduces end to end; a second `dvc repro` runs nothing; changing one
-stage's param reruns exactly that stage and its descendants (upstream changes are checked
-with `dvc repro lmdb`, so that the model stages do not train again for each of them);
-`dvc metrics diff` / `dvc params diff` show what changed between two commits.
+The pipeline reproduces end to end; a second `dvc repro` runs nothing; `mmcn caption`
+captions a raw test image as the evaluation did; the experiment workflow of the README
+(`dvc exp run -S`, `dvc exp show`, `dvc metrics/params/plots diff` between commits,
+`dvc repro -s`); changing one stage's param reruns exactly that stage and its descendants
+(upstream changes are checked with `dvc repro lmdb`, so that the model stages do not train
+again for each of them). The tests share one repo and run in file order.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -28,18 +31,22 @@ TINY = {"demo": {"train": 12, "valid": 4, "test": 4}, "ingest": {"workers": 1},
         "features": {"min_boxes": 2, "max_boxes": 4, "shard_size": 8},
         "train": {"workers": 0, "cpus_per_worker": 1},  # in-process: Ray Train workers are tested in test_train
         "caption": {"model": TINY_MODEL, "train": TINY_TRAIN, "eval": TINY_EVAL["caption"]},
-        "retrieval": {"model": TINY_MODEL, "train": TINY_TRAIN, "eval": TINY_EVAL["retrieval"]}}
-MODEL_STAGES = {"train@caption", "train@retrieval", "evaluate@caption", "evaluate@retrieval"}
+        "retrieval": {"model": {**TINY_MODEL, "match_weight": 1.0}, "train": TINY_TRAIN, "eval": TINY_EVAL["retrieval"]}}
+MODEL_STAGES = {"train@caption", "train@retrieval", "evaluate@caption", "evaluate@retrieval", "report"}
+CAPTION_STAGES = {"train@caption", "evaluate@caption", "report"}
 DATA_STAGES = {"demo", "ingest", "detector", "features", "translate", "lmdb"}
 ALL_STAGES = DATA_STAGES | MODEL_STAGES
 
 
-def run(repo: Path, *cmd: str) -> str:
+DVC = (sys.executable, "-m", "dvc")
+
+
+def run(repo: Path, *cmd: str, stdout_only: bool = False) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 def ran(output: str) -> set[str]:
@@ -76,9 +83,8 @@ def repo(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_repro_end_to_end_then_nothing_then_only_what_changed(repo):
-    dvc = (sys.executable, "-m", "dvc")
-    assert ran(run(repo, *dvc, "repro")) == ALL_STAGES
+def test_repro_end_to_end_then_nothing(repo):
+    assert ran(run(repo, *DVC, "repro")) == ALL_STAGES
     assert (repo / "data/tsv/train_imgs.tsv").stat().st_size > 0
     assert (repo / "data/tsv/ingest_report.json").is_file()
     assert (repo / "models/detector/model.safetensors").is_file()
@@ -100,25 +106,68 @@ def test_repro_end_to_end_then_nothing_then_only_what_changed(repo):
     assert {"t2i", "i2t", "mean_recall", "baseline_chance"} <= set(retrieval)
     assert (repo / "reports/caption/predictions.jsonl").is_file()
     assert (repo / "reports/retrieval/t2i_predictions.jsonl").is_file()
-    shown = run(repo, *dvc, "metrics", "show")
+    assert (repo / "reports/index.html").read_text(encoding="utf-8").count('class="card"') == 4
+    shown = run(repo, *DVC, "metrics", "show")
     for name in ("detector.json", "translate.json", "train_caption.json", "caption.json", "retrieval.json"):
         assert name in shown
 
-    assert ran(run(repo, *dvc, "repro")) == set()
-    assert "up to date" in run(repo, *dvc, "status")
-
-    # a caption learning-rate change reruns caption training and its evaluation only, and the
-    # two commits' metrics differ in `dvc metrics diff`
+    assert ran(run(repo, *DVC, "repro")) == set()
+    assert "up to date" in run(repo, *DVC, "status")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline run")
-    set_params(repo, {"caption": {"train": {"lr": 0.003}}})
-    assert ran(run(repo, *dvc, "repro")) == {"train@caption", "evaluate@caption"}
+
+
+@pytest.mark.slow
+def test_mmcn_caption_on_a_raw_test_image_after_repro(repo):
+    manifest = [json.loads(line) for line in (repo / "data/tsv/test_manifest.jsonl").read_text().splitlines()]
+    predicted = {p["image_id"]: p["caption"] for p in map(json.loads, (repo / "reports/caption/predictions.jsonl")
+                                                          .read_text(encoding="utf-8").splitlines())}
+    image = f"data/raw/{manifest[0]['source']}"
+    mmcn = str(Path(sys.executable).parent / "mmcn")
+    path, caption, score = run(repo, mmcn, "caption", image, stdout_only=True).rstrip("\n").split("\t")
+    assert (path, caption) == (image, predicted[manifest[0]["image_id"]]) and float(score) < 0
+    rows = [json.loads(line) for line in run(repo, mmcn, "caption", "data/raw/test/images", "--json",
+                                             stdout_only=True).splitlines()]
+    assert {r["caption"] for r in rows} <= set(predicted.values()) and len(rows) == 4
+    hits = run(repo, mmcn, "search", "一个红色的圆形", "--lmdb", "data/lmdb/test", "--top-k", "2", stdout_only=True)
+    assert [line.split("\t")[0] for line in hits.splitlines()] == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_experiment_workflow(repo):
+    # `dvc exp run -S` reruns caption training and what follows it, and `dvc exp show` lists it
+    out = run(repo, *DVC, "exp", "run", "-n", "lr3e-3", "-S", "caption.train.lr=0.003")
+    assert ran(out) == CAPTION_STAGES
+    shown = run(repo, *DVC, "exp", "show", "--csv", stdout_only=True)
+    header, *rows = list(csv.reader(shown.splitlines()))
+    row = next(dict(zip(header, r)) for r in rows if r[header.index("Experiment")] == "lr3e-3")
+    assert float(row["caption.train.lr"]) == 0.003 and float(row["metrics/caption.json:CIDEr"]) >= 0
+    assert row["metrics/train_caption.json:final_loss"]
+
+    # the experiment's results are in the workspace: commit them, then compare the two commits
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "caption lr 0.003")
-    diff = run(repo, *dvc, "metrics", "diff", "HEAD~1", "HEAD")
+    diff = run(repo, *DVC, "metrics", "diff", "HEAD~1", "HEAD")
     assert "metrics/train_caption.json" in diff and "final_loss" in diff
-    assert "caption.train.lr" in run(repo, *dvc, "params", "diff", "HEAD~1", "HEAD")
+    assert "caption.train.lr" in run(repo, *DVC, "params", "diff", "HEAD~1", "HEAD")
+    plots = json.loads(run(repo, *DVC, "plots", "diff", "HEAD~1", "HEAD", "--json", stdout_only=True))["data"]
+    train_curve = plots["plots/train_caption.csv"][0]
+    assert train_curve["revisions"] == ["HEAD~1", "HEAD"]
+    losses = {rev: [float(v["loss"]) for v in train_curve["content"]["data"]["values"] if v["rev"] == rev]
+              for rev in ("HEAD~1", "HEAD")}
+    assert len(losses["HEAD"]) == len(losses["HEAD~1"]) > 0 and losses["HEAD"] != losses["HEAD~1"]
 
+    # `dvc repro -s` runs the one stage named, not what follows it
+    set_params(repo, {"caption": {"train": {"lr": 0.002}}})
+    assert ran(run(repo, *DVC, "repro", "-s", "train@caption")) == {"train@caption"}
+    assert "evaluate@caption" in run(repo, *DVC, "status")
+    run(repo, "git", "checkout", "--", "params.yaml", "dvc.lock")
+    run(repo, *DVC, "checkout", "-q")
+
+
+@pytest.mark.slow
+def test_upstream_changes_rerun_only_what_follows(repo):
+    dvc = DVC
     # upstream changes rerun exactly the changed stage and what follows it (checked up to
     # lmdb, so that the model stages train once more at the end only)
     set_params(repo, {"features": {"score_thresh": 0.3}})

@@ -3,6 +3,7 @@ scorers run on the written files, baselines."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,3 +76,12 @@ def test_chance_recall():
                                          "mean_recall": pytest.approx(160 / 3)}
     two = chance_recall(10, [2])
     assert two["r1"] == pytest.approx(20.0) and two["r5"] == pytest.approx(100 * (1 - 56 / 252))
+
+
+def test_re_ranking_needs_a_trained_matcher(trained, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(trained / "retrieval", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "match_weight": 0.0}))
+    with pytest.raises(ValueError, match="without its cross-encoder matcher"):
+        evaluate_retrieval(model, trained / "lmdb", tmp_path / "out", EvalConfig(rerank_k=3))

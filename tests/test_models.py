@@ -2,6 +2,7 @@
 beam search vs greedy, save/load round trips, the tokenizer."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmcn.models.caption import seq2seq_mask
@@ -68,7 +69,7 @@ def test_mask_acts_in_the_model():
     assert torch.allclose(before[:, :4], after[:, :4], atol=1e-6)       # positions before the change
     assert not torch.allclose(before[:, 4:la], after[:, 4:la])          # the change and after it
     assert torch.allclose(before[:, la:], after[:, la:], atol=1e-6)     # tags and regions never see the caption
-    assert model.hidden(*args).shape == (3, la, model.config.hidden_size)
+    assert model.hidden(*args).shape == (3, la + b["tag_ids"].shape[1], model.config.hidden_size)  # caption, tags
 
 
 def generate(model, tok, batch, **kw):
@@ -76,10 +77,11 @@ def generate(model, tok, batch, **kw):
                           tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, tok.pad_token_id, **kw)
 
 
-def test_tiny_model_overfits_to_exact_captions():
+@pytest.mark.parametrize("copy_tags", [False, True])
+def test_tiny_model_overfits_to_exact_captions(copy_tags):
     torch.manual_seed(0)
     tok = tokenizer()
-    model = build_model("caption", len(tok), "tiny", label_smoothing=0.0, **LAYOUT)
+    model = build_model("caption", len(tok), "tiny", label_smoothing=0.0, copy_tags=copy_tags, **LAYOUT)
     collate = CaptionCollator(tok, model.config, train=True, mask_prob=0.5, max_masked=8,
                               generator=torch.Generator().manual_seed(0))
     data = items()
@@ -97,10 +99,11 @@ def test_tiny_model_overfits_to_exact_captions():
         assert [tok.decode(x).replace(" ", "") for x in ids] == CAPTIONS
 
 
-def test_beam_search_is_at_least_as_likely_as_greedy():
+@pytest.mark.parametrize("copy_tags", [False, True])
+def test_beam_search_is_at_least_as_likely_as_greedy(copy_tags):
     torch.manual_seed(3)
     tok = tokenizer()
-    model = build_model("caption", len(tok), "tiny", **LAYOUT).eval()
+    model = build_model("caption", len(tok), "tiny", copy_tags=copy_tags, **LAYOUT).eval()
     batch = CaptionCollator(tok, model.config, train=False)(items(1))
     greedy_ids, greedy = generate(model, tok, batch, num_beams=1, max_length=6, length_penalty=0.0)
     beam_ids, beam = generate(model, tok, batch, num_beams=4, max_length=6, length_penalty=0.0)
@@ -111,6 +114,51 @@ def test_beam_search_is_at_least_as_likely_as_greedy():
     _, no_repeat = generate(model, tok, batch, num_beams=2, max_length=6, no_repeat_ngram_size=1)
     ids, _ = generate(model, tok, batch, num_beams=2, max_length=6, no_repeat_ngram_size=1)
     assert all(len(set(x)) == len(x) for x in ids)
+
+
+def test_copy_distribution_is_a_distribution_over_the_vocabulary_and_the_tags():
+    torch.manual_seed(0)
+    tok = tokenizer()
+    model = build_model("caption", len(tok), "tiny", copy_tags=True, **LAYOUT).eval()
+    b = CaptionCollator(tok, model.config, train=False)(items())
+    b["tag_mask"][2] = False  # an image without tags: the vocabulary alone
+    with torch.no_grad():
+        states = torch.randn(3, model.config.hidden_size)
+        tag_states = torch.randn(3, b["tag_ids"].shape[1], model.config.hidden_size)
+        logp = model.log_probs(states, tag_states, b["tag_ids"], b["tag_mask"])
+        assert torch.allclose(logp.exp().sum(-1), torch.ones(3), atol=1e-5)
+        assert torch.allclose(logp[2], model.cls(states[2:]).log_softmax(-1)[0], atol=1e-6)
+        model.copy_gate.bias.fill_(-1e4)  # copy only: all mass on the tag tokens of each image
+        p = model.log_probs(states, tag_states, b["tag_ids"], b["tag_mask"]).exp()
+    for i in range(2):
+        on_tags = b["tag_ids"][i][b["tag_mask"][i]].unique()
+        assert abs(p[i, on_tags].sum().item() - 1) < 1e-5
+
+
+def test_copying_tags_reaches_words_no_training_caption_contains():
+    """Captions say "有" + the tag's colour and shape; white (白) is in no training caption
+    but is a tag of the held-out image: only the copying model can say it."""
+    colours, shapes = "红绿蓝黄紫橙黑白", "圆方星心"
+    data = [{"image_id": i, "text_id": i, "caption": f"有{c}{s}", "tags": f"{c} {s}", "features": torch.zeros(1, 2054)}
+            for i, (c, s) in enumerate((c, s) for c in colours[:-1] for s in shapes)]
+    test = [{"image_id": 99, "tags": "白 星", "features": torch.zeros(1, 2054)}]
+    tok = build_tokenizer([colours + shapes + "有"])
+    said = {}
+    for copy_tags in (False, True):
+        torch.manual_seed(0)
+        model = build_model("caption", len(tok), "tiny", label_smoothing=0.0, copy_tags=copy_tags, **LAYOUT)
+        collate = CaptionCollator(tok, model.config, train=True, mask_prob=0.5, max_masked=3,
+                                  generator=torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(150):
+            loss = model(**collate(data)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        ids, _ = generate(model, tok, CaptionCollator(tok, model.config, train=False)(test), max_length=5)
+        said[copy_tags] = tok.decode(ids[0]).replace(" ", "")
+    assert said[True] == "有白星" and "白" not in said[False]
 
 
 def test_save_load_round_trip(tmp_path):
@@ -158,3 +206,13 @@ def test_retrieval_learns_to_match_in_batch():
     assert out.loss.item() < first / 2
     assert torch.equal(sim.argmax(1), torch.arange(3))
     assert (positive > negative).all()
+
+
+def test_retrieval_without_the_matcher_trains_the_dual_encoder_only():
+    torch.manual_seed(0)
+    tok = tokenizer()
+    model = build_model("retrieval", len(tok), "tiny", match_weight=0.0, **LAYOUT)
+    out = model(**RetrievalCollator(tok, model.config)(items()))
+    assert out.match_loss.item() == 0.0 and torch.equal(out.loss.detach(), out.contrastive_loss)
+    out.loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("match"))

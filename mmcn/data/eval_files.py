@@ -130,6 +130,12 @@ def write_caption_scores(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     _write_jsonl(path, rows)
 
 
+def read_caption_scores(path: Path) -> list[dict[str, Any]]:
+    """The rows :func:`write_caption_scores` wrote, in file order."""
+    with open(path, encoding="utf-8") as f:
+        return [obj for _, obj in _json_objects(path, f)]
+
+
 def read_retrieval_predictions(path: Path, direction: Direction, k: int = TOP_K) -> dict[int, RetrievalPrediction]:
     """``query_id -> prediction`` from a Chinese-CLIP predictions file, checked line by line.
 

@@ -10,6 +10,7 @@ pool (one GPU per actor when asked for, CPU otherwise):
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -44,71 +45,43 @@ class EvalConfig:
 
 
 class ModelActor:
-    """A Ray Data actor holding one model, its tokenizer and the store; ``mode`` picks the job."""
+    """A Ray Data actor holding one model (:mod:`mmcn.infer`'s wrappers) and the store; ``mode`` picks the job."""
 
     def __init__(self, model_dir: str, store_path: str, cfg: dict, mode: str):
-        import torch
-
         from mmcn.data.datasets import CaptionDataset, RetrievalDataset
-        from mmcn.models.factory import load_model
-        from mmcn.models.inputs import CaptionCollator, RetrievalCollator
-        from mmcn.text.tokenizer import load_tokenizer
+        from mmcn.infer import CaptionGenerator, Decoding, RetrievalEncoder, pick_device
 
         self.cfg, self.mode = EvalConfig(**cfg), mode
-        self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        _, self.model = load_model(model_dir)
-        self.model.to(self.device).eval()
-        self.tok = load_tokenizer(model_dir)
+        device = pick_device("auto" if self.cfg.use_gpu else "cpu")
         if mode == "caption":
             self.data = CaptionDataset(store_path, per_image=True)
-            self.collate = CaptionCollator(self.tok, self.model.config, train=False)
+            self.generator = CaptionGenerator(model_dir, Decoding.of(self.cfg), device)
         else:
             self.data = RetrievalDataset(store_path)
-            self.collate = RetrievalCollator(self.tok, self.model.config)
+            self.encoder = RetrievalEncoder(model_dir, device)
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                             enabled=self.device.type == "cuda"):
-            return getattr(self, self.mode)(batch)
-
-    def _inputs(self, items: list[dict], keys: tuple[str, ...]) -> list:
-        b = self.collate(items)
-        return [b[k].to(self.device) for k in keys]
+        return getattr(self, self.mode)(batch)
 
     def caption(self, batch: dict) -> dict:
-        from mmcn.text.tokenizer import detokenize
-
-        c = self.cfg
-        ids, scores = self.model.generate(*self._inputs([self.data[int(i)] for i in batch["index"]],
-                                                        ("tag_ids", "tag_mask", "img_feats", "img_mask")),
-                                          cls_id=self.tok.cls_token_id, sep_id=self.tok.sep_token_id,
-                                          mask_id=self.tok.mask_token_id, pad_id=self.tok.pad_token_id,
-                                          num_beams=c.num_beams, max_length=c.max_length,
-                                          length_penalty=c.length_penalty, no_repeat_ngram_size=c.no_repeat_ngram_size)
-        return {"index": batch["index"], "caption": np.array([detokenize(self.tok.decode(x)) for x in ids], dtype=object),
+        captions, scores = self.generator([self.data[int(i)] for i in batch["index"]])
+        return {"index": batch["index"], "caption": np.array(captions, dtype=object),
                 "score": np.array(scores, dtype=np.float32)}
 
     def embed(self, batch: dict) -> dict:
         """Dual-encoder embeddings of texts (``index`` < 0: text ``-index - 1``) and images."""
         index = np.asarray(batch["index"])
-        out = np.zeros((len(index), self.model.config.embed_dim), np.float32)
+        out = np.zeros((len(index), self.encoder.model.config.embed_dim), np.float32)
         texts, images = np.flatnonzero(index < 0), np.flatnonzero(index >= 0)
         if len(texts):
-            out[texts] = self.model.encode_text(*self._inputs([self.data.text(int(-index[k] - 1)) for k in texts],
-                                                              ("text_ids", "text_mask"))).float().cpu().numpy()
+            out[texts] = self.encoder.texts([self.data.text(int(-index[k] - 1))["text"] for k in texts])
         if len(images):
-            out[images] = self.model.encode_image(*self._inputs(
-                [self.data.image(int(index[k])) for k in images],
-                ("image_tag_ids", "image_tag_mask", "img_feats", "img_mask"))).float().cpu().numpy()
+            out[images] = self.encoder.images([self.data.image(int(index[k])) for k in images])
         return {"index": index, "embedding": list(out)}
 
     def match(self, batch: dict) -> dict:
         items = [{**self.data.text(int(t)), **self.data.image(int(i))} for t, i in zip(batch["text"], batch["image"])]
-        score = self.model.match_score(*self._inputs(items, ("text_ids", "text_mask", "tag_ids", "tag_mask",
-                                                             "img_feats", "img_mask")))
-        return {"text": batch["text"], "image": batch["image"], "score": score.float().cpu().numpy()}
+        return {"text": batch["text"], "image": batch["image"], "score": self.encoder.match(items)}
 
 
 def _run(model_dir: Path, store_path: Path, cfg: EvalConfig, mode: str, rows: list[dict]) -> list[dict]:
@@ -186,6 +159,9 @@ def evaluate_retrieval(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: Eval
     Chinese-CLIP prediction files (top 10) into ``out_dir``; returns the metrics."""
     start = time.perf_counter()
     model_dir, store_path, out_dir = Path(model_dir).resolve(), Path(lmdb_dir).resolve() / split, Path(out_dir)
+    if cfg.rerank_k and not json.loads((model_dir / "config.json").read_text()).get("match_weight", 1.0):
+        raise ValueError(f"{model_dir} was trained without its cross-encoder matcher (match_weight 0), so it cannot "
+                         "re-rank: set rerank_k to 0, or train with match_weight > 0")
     store = LmdbStore(store_path)
     n_texts, n_images = store.num_texts, len(store)
     rows = _run(model_dir, store_path, cfg, "embed", [{"index": -t - 1} for t in range(n_texts)] +

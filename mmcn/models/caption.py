@@ -2,6 +2,13 @@
 seq2seq attention mask, trained by masked-token prediction on the caption, decoded by
 greedy or beam search (one [MASK] appended per step).
 
+With ``copy_tags`` the output is a pointer-generator mixture (See et al., 2017): a gate
+``g`` per position mixes the vocabulary softmax with a copy distribution, an attention of
+the position's state over the tag tokens' states, scattered onto those tokens' ids:
+``p(w) = g p_vocab(w) + (1 - g) sum_{j: tag_j = w} a_j``. A model trained from scratch on
+little data learns to copy the Chinese tags ("红色 圆形") into its caption far sooner than it
+learns to read them through self-attention alone.
+
 Sequence layout: a caption segment of exactly ``max_text_len`` positions (``[CLS]`` first),
 the tag segment (token type 1, ``max_tag_len``), then up to ``max_regions`` regions.
 """
@@ -11,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as nnf
+from torch import nn
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 from mmcn.models.base import VLConfig, VLPreTrainedModel
@@ -19,10 +27,12 @@ from mmcn.models.base import VLConfig, VLPreTrainedModel
 class CaptionConfig(VLConfig):
     model_type = "mmcn_caption"
 
-    def __init__(self, label_smoothing: float = 0.1, drop_worst_ratio: float = 0.0, **kwargs):
+    def __init__(self, label_smoothing: float = 0.1, drop_worst_ratio: float = 0.0, copy_tags: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.label_smoothing = label_smoothing
         self.drop_worst_ratio = drop_worst_ratio  # drop this share of the highest token losses (Oscar)
+        self.copy_tags = copy_tags                # pointer-generator output: copy tag tokens
 
 
 def seq2seq_mask(caption_mask: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
@@ -43,7 +53,7 @@ def seq2seq_mask(caption_mask: torch.Tensor, context_mask: torch.Tensor) -> torc
 @dataclass
 class CaptionOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor          # (n masked tokens, vocab)
+    logits: torch.Tensor          # (n masked tokens, vocab) log-probabilities
     correct: torch.Tensor         # (n masked tokens,) bool
 
 
@@ -55,26 +65,50 @@ class CaptionModel(VLPreTrainedModel):
     def __init__(self, config: CaptionConfig):
         super().__init__(config)
         self.cls = BertOnlyMLMHead(config)
+        if config.copy_tags:
+            h = config.hidden_size
+            self.copy_query, self.copy_key, self.copy_gate = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, 1)
         self.post_init()
 
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
 
     def hidden(self, caption_ids, caption_mask, tag_ids, tag_mask, img_feats, img_mask) -> torch.Tensor:
+        """States of the caption segment then the tag segment (regions left out)."""
         input_ids = torch.cat([caption_ids, tag_ids], dim=1)
         token_type = torch.cat([torch.zeros_like(caption_ids), torch.ones_like(tag_ids)], dim=1)
         allowed = seq2seq_mask(caption_mask, torch.cat([tag_mask, img_mask], dim=1))
-        return self.encode(input_ids, token_type, img_feats, allowed)[:, :caption_ids.shape[1]]
+        return self.encode(input_ids, token_type, img_feats, allowed)[:, :input_ids.shape[1]]
+
+    def log_probs(self, states: torch.Tensor, tag_states: torch.Tensor, tag_ids: torch.Tensor,
+                  tag_mask: torch.Tensor) -> torch.Tensor:
+        """log p(token) (N, vocab) at N caption positions; ``tag_*`` are those positions' images'
+        tag segments (N, T, ...). Without ``copy_tags``: the vocabulary softmax."""
+        vocab = self.cls(states).float().log_softmax(-1)
+        if not self.config.copy_tags:
+            return vocab
+        scores = torch.einsum("nh,nth->nt", self.copy_query(states), self.copy_key(tag_states)).float()
+        scores = scores / states.shape[-1] ** 0.5
+        scores = scores.masked_fill(~tag_mask, float("-inf"))
+        has_tags = tag_mask.any(1, keepdim=True)
+        attention = scores.masked_fill(~has_tags, 0.0).softmax(-1) * has_tags
+        copy = torch.zeros_like(vocab).scatter_add_(1, tag_ids, attention)
+        gate = torch.sigmoid(self.copy_gate(states).float()).masked_fill(~has_tags, 1.0)
+        return torch.logaddexp(vocab + gate.log(), (copy * (1 - gate)).clamp_min(1e-30).log())
 
     def forward(self, caption_ids, caption_mask, tag_ids, tag_mask, img_feats, img_mask, labels=None,
                 **_) -> CaptionOutput:
         """Masked-token loss over the positions where ``labels`` != -100 (label smoothing, drop-worst)."""
+        la = caption_ids.shape[1]
         hidden = self.hidden(caption_ids, caption_mask, tag_ids, tag_mask, img_feats, img_mask)
         where = labels != -100
-        logits = self.cls(hidden[where])
+        rows = where.nonzero()[:, 0]  # the image of each masked position
+        logits = self.log_probs(hidden[:, :la][where], hidden[:, la:][rows], tag_ids[rows], tag_mask[rows])
         target = labels[where]
-        losses = nnf.cross_entropy(logits.float(), target, reduction="none",
-                                   label_smoothing=self.config.label_smoothing)
+        losses = nnf.nll_loss(logits, target, reduction="none")
+        if self.config.label_smoothing:
+            eps = self.config.label_smoothing
+            losses = (1 - eps) * losses - eps * logits.mean(-1)
         if self.training and self.config.drop_worst_ratio > 0 and len(losses) > 1:
             keep = len(losses) - int(len(losses) * self.config.drop_worst_ratio)
             losses = torch.topk(losses, keep, largest=False).values
@@ -106,7 +140,8 @@ class CaptionModel(VLPreTrainedModel):
             seqs[:, t] = mask_id
             cmask = torch.zeros(b * k, la, dtype=torch.bool, device=dev)
             cmask[:, :t + 1] = True
-            logp = self.cls(self.hidden(seqs, cmask, tags, tmask, feats, fmask)[:, t]).float().log_softmax(-1)
+            hidden = self.hidden(seqs, cmask, tags, tmask, feats, fmask)
+            logp = self.log_probs(hidden[:, t], hidden[:, la:], tags, tmask).clone()
             logp[:, [pad_id, cls_id, mask_id]] = float("-inf")
             if t == steps:  # out of room: close every open caption
                 logp[:, :] = float("-inf")

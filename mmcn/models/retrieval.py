@@ -89,6 +89,9 @@ class RetrievalModel(VLPreTrainedModel):
         i2t = -(logits.log_softmax(0).masked_fill(~positive, float("-inf")).logsumexp(0))
         contrastive = (t2i.mean() + i2t.mean()) / 2
 
+        if not self.config.match_weight:  # the matcher is not trained (and re-ranking is unavailable)
+            zero = contrastive.detach() * 0.0
+            return RetrievalOutput(contrastive, contrastive.detach(), zero, sim.detach())
         with torch.no_grad():  # hardest negatives: the most similar non-matching image / text
             masked = sim.detach().masked_fill(positive, float("-inf"))
             texts_with_neg = torch.isfinite(masked).any(1).nonzero().squeeze(1)

@@ -103,7 +103,7 @@ class LabelTable:
 @dataclass(frozen=True)
 class TranslateConfig:
     unknown: str = "keep"      # keep (English stays) | drop (left out of the tags) | error
-    max_attributes: int = 1    # attributes per box in its tag text, best first (0: objects only)
+    max_attributes: int = 2    # attributes per box in its tag text, best first (0: objects only)
 
     def __post_init__(self) -> None:
         if self.unknown not in POLICIES:

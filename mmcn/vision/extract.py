@@ -125,37 +125,41 @@ class ShardExtractor:
                 images.append((image_id, decode(data, self.cfg)))
             except ValueError as e:
                 skipped.append({"split": task.split, "image_id": image_id, "line": line + 1, "reason": str(e)})
-        records = dict(self.detect(images))
+        records = dict(detect_regions(self.model, images, self.cfg, self.device))
         F.write_shard(F.shard_path(self.out_dir, task.split, task.index),
                       [records[image_id] for image_id, _ in images])
         return {"split": task.split, "index": task.index, "images": len(images), "skipped": skipped,
                 "boxes": int(sum(r.num_boxes for r in records.values()))}
 
-    def detect(self, images: list) -> list[tuple[int, F.RegionFeatures]]:
-        """Detect in batches of similar size (sorted by height, width) to limit padding."""
-        c = self.cfg
-        order = sorted(range(len(images)), key=lambda i: tuple(images[i][1].shape[1:]))
-        out = []
-        for first in range(0, len(order), c.batch_size):
-            chunk = [images[i] for i in order[first:first + c.batch_size]]
-            dets = self.model.detect([img.to(self.device) for _, img in chunk], min_boxes=c.min_boxes,
-                                     max_boxes=c.max_boxes, score_thresh=c.score_thresh, nms_thresh=c.nms_thresh)
-            for (image_id, img), det in zip(chunk, dets):
-                out.append((image_id, self.to_record(image_id, img, det)))
-        return out
 
-    def to_record(self, image_id: int, img, det) -> F.RegionFeatures:
-        height, width = int(img.shape[1]), int(img.shape[2])
-        boxes = det.boxes.float().cpu().numpy()
-        classes_vocab, attr_vocab = self.model.config.classes, self.model.config.attributes
-        attr_ids, attr_scores = det.attr_ids.cpu().tolist(), det.attr_scores.float().cpu().tolist()
-        return F.RegionFeatures(
-            image_id=image_id, width=width, height=height, boxes=boxes,
-            classes=[classes_vocab[int(i)] for i in det.labels.cpu()],
-            class_conf=det.scores.float().cpu().numpy(),
-            features=F.region_features(det.features.float().cpu().numpy(), boxes, width, height),
-            attributes=[[attr_vocab[a] for a in ids if a >= 0] for ids in attr_ids],
-            attr_conf=[[s for a, s in zip(ids, scores) if a >= 0] for ids, scores in zip(attr_ids, attr_scores)])
+def detect_regions(model, images: list[tuple[int, "torch.Tensor"]], cfg: ExtractConfig,
+                   device=None) -> list[tuple[int, F.RegionFeatures]]:
+    """``(image_id, uint8 RGB tensor)`` pairs -> ``(image_id, region features)``, detected in
+    batches of similar size (sorted by height, width) to limit padding; output in that order."""
+    device = device or next(model.parameters()).device
+    order = sorted(range(len(images)), key=lambda i: tuple(images[i][1].shape[1:]))
+    out = []
+    for first in range(0, len(order), cfg.batch_size):
+        chunk = [images[i] for i in order[first:first + cfg.batch_size]]
+        dets = model.detect([img.to(device) for _, img in chunk], min_boxes=cfg.min_boxes, max_boxes=cfg.max_boxes,
+                            score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh)
+        for (image_id, img), det in zip(chunk, dets):
+            out.append((image_id, to_record(model.config, image_id, img, det)))
+    return out
+
+
+def to_record(config, image_id: int, img, det) -> F.RegionFeatures:
+    """One image's detections (``config``: the detector's, for its label vocabularies) as region features."""
+    height, width = int(img.shape[1]), int(img.shape[2])
+    boxes = det.boxes.float().cpu().numpy()
+    attr_ids, attr_scores = det.attr_ids.cpu().tolist(), det.attr_scores.float().cpu().tolist()
+    return F.RegionFeatures(
+        image_id=image_id, width=width, height=height, boxes=boxes,
+        classes=[config.classes[int(i)] for i in det.labels.cpu()],
+        class_conf=det.scores.float().cpu().numpy(),
+        features=F.region_features(det.features.float().cpu().numpy(), boxes, width, height),
+        attributes=[[config.attributes[a] for a in ids if a >= 0] for ids in attr_ids],
+        attr_conf=[[s for a, s in zip(ids, scores) if a >= 0] for ids, scores in zip(attr_ids, attr_scores)])
 
 
 def extract_features(detector_dir: Path, tsv_dir: Path, out_dir: Path, cfg: ExtractConfig = ExtractConfig()) -> dict:

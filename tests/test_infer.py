@@ -1,0 +1,121 @@
+"""One-line inference: raw files through the pipeline's chain give the pipeline's own
+results; the CLI's lines, JSON, globs, directories and bad files; image search."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import mmcn
+from mmcn.cli import main
+from mmcn.data.eval_files import read_caption_predictions
+from mmcn.data.manifest import manifest_path, read_manifest
+from mmcn.infer import Captioner, ChainConfig, Decoding, Searcher, expand_images
+from mmcn.text.translate import TranslateConfig
+from mmcn.vision.extract import ExtractConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# the settings chain_project ran the pipeline with (conftest.py)
+CHAIN = ChainConfig(ExtractConfig(min_boxes=3, max_boxes=6, batch_size=4), TranslateConfig(max_attributes=2),
+                    overrides=str(ROOT / "data/labels_zh_overrides.tsv"), max_side=48)
+DECODING = Decoding(num_beams=2, max_length=8)
+
+
+def raw_test_images(project: Path) -> dict[Path, int]:
+    """Raw test image path -> its image id (from the ingest manifest)."""
+    return {project / "raw" / e.source: e.image_id for e in read_manifest(manifest_path(project / "tsv", "test"))}
+
+
+@pytest.fixture(scope="module")
+def captioner(chain_project):
+    return Captioner.from_dir(chain_project / "models/caption", chain_project / "models/detector", CHAIN, DECODING,
+                              device="cpu", batch_size=5)
+
+
+def test_raw_files_get_the_captions_the_evaluation_stage_gave(chain_project, captioner):
+    images = raw_test_images(chain_project)
+    expected = {p.image_id: p.caption for p in read_caption_predictions(chain_project / "reports/caption/predictions.jsonl")}
+    paths = sorted(images)
+    results = captioner.caption(paths)
+    assert [r.source for r in results] == [str(p) for p in paths]
+    assert all(not r.error and r.tags for r in results)
+    assert {images[p]: r.caption for p, r in zip(paths, results)} == {images[p]: expected[images[p]] for p in paths}
+    assert captioner([p.read_bytes() for p in paths[:2]]) == [r.caption for r in results[:2]]
+
+
+def test_a_bad_image_is_reported_not_fatal(chain_project, captioner, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    good = sorted(raw_test_images(chain_project))[0]
+    results = captioner.caption([bad, good])
+    assert results[0].error.startswith(("corrupt", "not_an_image")) and results[0].source == str(bad)
+    assert results[1].caption and not results[1].error
+    with pytest.raises(ValueError, match="broken.jpg"):
+        captioner([bad])
+
+
+def test_expand_images_takes_files_directories_and_globs(chain_project, tmp_path):
+    test_dir = chain_project / "raw/test/images"
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths, missing = expand_images([test_dir, str(test_dir / "00000[0-1].jpg"), tmp_path, tmp_path / "nope.jpg"])
+    assert len(paths) == 12 and paths == sorted(paths)  # the glob's two files are already in the directory's
+    assert [m.source for m in missing] == [str(tmp_path), str(tmp_path / "nope.jpg")]
+
+
+def write_params(path: Path) -> Path:
+    """A params.yaml with the pipeline sections the CLI takes its chain settings from."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "ingest": {"max_side": 48}, "features": {"min_boxes": 3, "max_boxes": 6, "batch_size": 4},
+        "translate": {"overrides": CHAIN.overrides, "unknown": "keep", "max_attributes": 2},
+        "caption": {"eval": {"num_beams": 2, "max_length": 8}}}))
+    return path
+
+
+def test_cli_caption_prints_one_line_per_image_and_skips_bad_files(chain_project, captioner, tmp_path, capsys):
+    params = write_params(tmp_path / "params.yaml")
+    bad = tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    test_dir = chain_project / "raw/test/images"
+    models = chain_project / "models"
+    common = ["--model", str(models / "caption"), "--detector", str(models / "detector"), "--params", str(params),
+              "--device", "cpu"]
+    code = main(["caption", str(test_dir / "00000[0-2].jpg"), str(bad), *common])
+    out, err = capsys.readouterr()
+    assert code == 1  # something was skipped
+    lines = [line.split("\t") for line in out.splitlines()]
+    expected = captioner.caption(sorted(test_dir.glob("00000[0-2].jpg")))
+    assert [(path, caption) for path, caption, _ in lines] == [(r.source, r.caption) for r in expected]
+    assert all(float(score) < 0 for _, _, score in lines)
+    assert f"skipped {bad}: " in err
+
+    assert main(["caption", str(test_dir), "--json", *common]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 12 and set(rows[0]) == {"image", "caption", "score", "tags"}
+
+    assert main(["caption", str(tmp_path / "missing.jpg"), *common]) == 2
+    assert main(["caption", str(test_dir), *common[:1], str(tmp_path / "no-model"), *common[2:]]) == 2
+    assert "dvc repro" in capsys.readouterr().err
+
+
+def test_search_ranks_raw_files_as_the_stored_features(chain_project, tmp_path, capsys):
+    images = raw_test_images(chain_project)
+    searcher = Searcher.from_dir(chain_project / "models/retrieval", chain_project / "models/detector", CHAIN, "cpu")
+    assert searcher.index_images(sorted(images)) == []
+    stored = Searcher.from_dir(chain_project / "models/retrieval", None, device="cpu")
+    assert stored.index_lmdb(chain_project / "lmdb/test") == 12
+    query = "一个红色的圆形"
+    from_files = [(images[Path(h.name)], round(h.score, 4)) for h in searcher.search(query, k=12)]
+    from_store = [(int(h.name), round(h.score, 4)) for h in stored.search(query, k=12)]
+    assert from_files == from_store and [h.rank for h in stored.search(query, k=3)] == [1, 2, 3]
+
+    assert main(["search", query, "--lmdb", str(chain_project / "lmdb/test"), "--model",
+                 str(chain_project / "models/retrieval"), "--top-k", "3", "--json", "--device", "cpu"]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(int(h["image"]), h["score"]) for h in hits] == from_store[:3]
+
+
+def test_the_api_is_importable_from_the_package():
+    assert mmcn.Captioner is Captioner and mmcn.Searcher is Searcher
