@@ -126,9 +126,6 @@ def test_mmcn_caption_on_a_raw_test_image_after_repro(repo):
     mmcn = str(Path(sys.executable).parent / "mmcn")
     path, caption, score = run(repo, mmcn, "caption", image, stdout_only=True).rstrip("\n").split("\t")
     assert (path, caption) == (image, predicted[manifest[0]["image_id"]]) and float(score) < 0
-    rows = [json.loads(line) for line in run(repo, mmcn, "caption", "data/raw/test/images", "--json",
-                                             stdout_only=True).splitlines()]
-    assert {r["caption"] for r in rows} <= set(predicted.values()) and len(rows) == 4
     hits = run(repo, mmcn, "search", "一个红色的圆形", "--lmdb", "data/lmdb/test", "--top-k", "2", stdout_only=True)
     assert [line.split("\t")[0] for line in hits.splitlines()] == ["1", "2"]
 
@@ -141,8 +138,9 @@ def test_experiment_workflow(repo):
     shown = run(repo, *DVC, "exp", "show", "--csv", stdout_only=True)
     header, *rows = list(csv.reader(shown.splitlines()))
     row = next(dict(zip(header, r)) for r in rows if r[header.index("Experiment")] == "lr3e-3")
-    assert float(row["caption.train.lr"]) == 0.003 and float(row["metrics/caption.json:CIDEr"]) >= 0
-    assert row["metrics/train_caption.json:final_loss"]
+    column = lambda name: next(v for k, v in row.items() if k.split(":")[-1] == name)  # noqa: E731  (file: when ambiguous)
+    assert float(column("caption.train.lr")) == 0.003 and float(column("CIDEr")) >= 0
+    assert float(row["metrics/train_caption.json:final_loss"]) > 0
 
     # the experiment's results are in the workspace: commit them, then compare the two commits
     run(repo, "git", "add", "-A")
@@ -157,10 +155,10 @@ def test_experiment_workflow(repo):
               for rev in ("HEAD~1", "HEAD")}
     assert len(losses["HEAD"]) == len(losses["HEAD~1"]) > 0 and losses["HEAD"] != losses["HEAD~1"]
 
-    # `dvc repro -s` runs the one stage named, not what follows it
-    set_params(repo, {"caption": {"train": {"lr": 0.002}}})
-    assert ran(run(repo, *DVC, "repro", "-s", "train@caption")) == {"train@caption"}
-    assert "evaluate@caption" in run(repo, *DVC, "status")
+    # `dvc repro -s` runs the one stage named and nothing before it, though its upstream changed
+    set_params(repo, {"caption": {"train": {"lr": 0.002}}, "report": {"queries": 2}})
+    assert ran(run(repo, *DVC, "repro", "-s", "report")) == {"report"}
+    assert "train@caption" in run(repo, *DVC, "status")
     run(repo, "git", "checkout", "--", "params.yaml", "dvc.lock")
     run(repo, *DVC, "checkout", "-q")
 
@@ -187,6 +185,4 @@ def test_upstream_changes_rerun_only_what_follows(repo):
     set_params(repo, {"detector": {"lr": 0.01}})
     assert ran(run(repo, *dvc, "repro", "lmdb")) == {"detector", "features", "translate", "lmdb"}
 
-    set_params(repo, {"demo": {"seed": 1}})
-    assert ran(run(repo, *dvc, "repro", "lmdb")) == DATA_STAGES
     assert "train@caption" in run(repo, *dvc, "status")  # the model stages are now out of date

@@ -4,39 +4,24 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-from mmcn.data.lmdb_store import LmdbStore, build_lmdb
+from mmcn.data.lmdb_store import LmdbStore
 from mmcn.eval.caption_metrics import evaluate_caption_files
 from mmcn.eval.evaluate import EvalConfig, chance_recall, evaluate_captions, evaluate_retrieval
 from mmcn.eval.retrieval_metrics import evaluate_retrieval_files
-from mmcn.train.loop import ModelSpec, TrainConfig, train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_lmdb import make_dataset  # noqa: E402
-
-LAYOUT = {"max_text_len": 16, "max_tag_len": 12, "max_regions": 6}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    for split, n in (("train", 10), ("test", 12)):  # >= 10 candidates: Chinese-CLIP scores top-10 lists
-        d = make_dataset(root / split, n_images=n, split=split)
-        build_lmdb(d["tsv"], root / f"built-{split}", d["features"], d["tags"])
-        (root / "lmdb").mkdir(exist_ok=True)
-        (root / f"built-{split}" / split).rename(root / "lmdb" / split)
-    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, workers=0)
-    for task in ("caption", "retrieval"):
-        train(ModelSpec(task, "tiny", settings=LAYOUT), root / "lmdb", root / task, cfg, root / "ray")
-    return root
+def trained(chain_project):
+    """Tiny caption and retrieval models on a few demo images (conftest.py; 12 test images:
+    Chinese-CLIP scores top-10 lists)."""
+    return chain_project
 
 
 def test_caption_metrics_match_the_scorer_on_the_written_files(ray_session, trained, tmp_path):
-    metrics = evaluate_captions(trained / "caption", trained / "lmdb", tmp_path, EvalConfig(batch_size=4, num_beams=2,
+    metrics = evaluate_captions(trained / "models/caption", trained / "lmdb", tmp_path, EvalConfig(batch_size=4, num_beams=2,
                                                                                             max_length=8))
     store = LmdbStore(trained / "lmdb" / "test")
     assert metrics["n_images"] == len(store) and metrics["split"] == "test"
@@ -56,7 +41,7 @@ def test_caption_metrics_match_the_scorer_on_the_written_files(ray_session, trai
 
 
 def test_retrieval_metrics_match_chinese_clip_scoring_of_the_written_files(ray_session, trained, tmp_path):
-    metrics = evaluate_retrieval(trained / "retrieval", trained / "lmdb", tmp_path, EvalConfig(batch_size=4,
+    metrics = evaluate_retrieval(trained / "models/retrieval", trained / "lmdb", tmp_path, EvalConfig(batch_size=4,
                                                                                               rerank_k=3))
     assert set(metrics) >= {"t2i", "i2t", "mean_recall", "dual_encoder", "reranked", "baseline_chance"}
     texts = tmp_path / "texts.jsonl"
@@ -80,7 +65,7 @@ def test_chance_recall():
 
 def test_re_ranking_needs_a_trained_matcher(trained, tmp_path):
     model = tmp_path / "model"
-    shutil.copytree(trained / "retrieval", model)
+    shutil.copytree(trained / "models/retrieval", model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "match_weight": 0.0}))
     with pytest.raises(ValueError, match="without its cross-encoder matcher"):

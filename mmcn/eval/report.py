@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmcn.data.eval_files import read_caption_scores, read_retrieval_predictions
+from mmcn.data.eval_files import TOP_K, read_caption_scores, read_retrieval_predictions
 from mmcn.data.lmdb_store import LmdbStore
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _caption_section(store: LmdbStore, per_image: Path, cfg: ReportConfig) -> tu
 
 def _retrieval_section(store: LmdbStore, t2i: Path, cfg: ReportConfig) -> tuple[str, int]:
     e = html.escape
-    preds = read_retrieval_predictions(t2i, "t2i")
+    preds = read_retrieval_predictions(t2i, "t2i", k=min(TOP_K, len(store)))  # fewer when the split is small
     queries = list(preds.values())[: cfg.queries]
     blocks = []
     for p in queries:
