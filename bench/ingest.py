@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import pybase64
 from PIL import Image
 
 from mmcn.data.ingest import IngestConfig, ingest
+from timing import timed  # bench/timing.py
 
 DEFAULT_DIR = Path("/dev/shm/mmcn-bench") if Path("/dev/shm").is_dir() else Path(__file__).parent / "out" / "ingest"
 
@@ -79,12 +79,6 @@ def read_b64_bound(paths: list[Path], out: Path, encode=base64.b64encode) -> Non
     with open(out, "wb") as f:
         for i, path in enumerate(paths):
             f.write(str(i).encode() + b"\t" + encode(path.read_bytes()) + b"\n")
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> int:

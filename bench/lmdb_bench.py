@@ -37,6 +37,7 @@ from mmcn.data import features as F  # noqa: E402
 from mmcn.data import tsv  # noqa: E402
 from mmcn.data.lmdb_store import LmdbConfig, LmdbStore, build_lmdb  # noqa: E402
 from mmcn.data.tags import ImageTags, tags_path, write_tags  # noqa: E402
+from timing import timed  # noqa: E402  (bench/timing.py)
 
 DEFAULT_DIR = Path("/dev/shm/mmcn-bench-lmdb") if Path("/dev/shm").is_dir() else Path(__file__).parent / "out" / "lmdb"
 SPLIT = "train"
@@ -120,12 +121,6 @@ def chinese_clip_build(tsv_dir: Path, out: Path) -> int:
 
 def size_of(path: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in path.rglob("*.mdb"))
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> int:

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+PARAMS_FILE = Path("params.yaml")  # the pipeline's params, read by `caption` / `search` when present
+
 
 def _positive_int_or_none(value: str) -> int | None:
     n = int(value)
@@ -139,10 +141,14 @@ def _chain_settings(args: argparse.Namespace):
     from mmcn.text.translate import TranslateConfig
     from mmcn.vision.extract import ExtractConfig
 
-    params = {}
+    params, log = {}, logging.getLogger("mmcn.cli")
     if args.params and Path(args.params).is_file():
         params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
-        logging.getLogger("mmcn.cli").info("chain settings from %s", args.params)
+        log.info("chain settings from %s", args.params)
+    elif args.params != PARAMS_FILE:
+        raise FileNotFoundError(f"--params {args.params}: no such file")
+    else:
+        log.warning("no %s here: the library's default chain settings apply (pass --params)", PARAMS_FILE)
     feats, trans = params.get("features") or {}, params.get("translate") or {}
     extract = ExtractConfig(**{k: feats[k] for k in ("min_boxes", "max_boxes", "score_thresh", "nms_thresh",
                                                      "batch_size") if k in feats})
@@ -177,7 +183,11 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no images to caption", file=sys.stderr)
         return 2
-    chain, decoding = _chain_settings(args)
+    try:
+        chain, decoding = _chain_settings(args)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     _quiet_loading()
     try:
         captioner = Captioner.from_dir(args.model, args.detector, chain, decoding, args.device, args.batch_size)
@@ -200,7 +210,11 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from mmcn.infer import Searcher, expand_images
 
-    chain, _ = _chain_settings(args)
+    try:
+        chain, _ = _chain_settings(args)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     _quiet_loading()
     try:
         searcher = Searcher.from_dir(args.model, args.detector, chain, args.device, args.batch_size)
@@ -413,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("caption", "search"):
         p = sub.choices[name]
         p.add_argument("--detector", type=Path, default=Path("models/detector"), help="detector folder")
-        p.add_argument("--params", type=Path, default=Path("params.yaml"),
+        p.add_argument("--params", type=Path, default=PARAMS_FILE,
                        help="the pipeline's params file to take the chain's settings from (ignored when missing)")
         p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:1")
         p.add_argument("--batch-size", type=int, default=16, help="images per model forward")

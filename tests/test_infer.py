@@ -96,6 +96,8 @@ def test_cli_caption_prints_one_line_per_image_and_skips_bad_files(chain_project
     assert len(rows) == 12 and set(rows[0]) == {"image", "caption", "score", "tags"}
 
     assert main(["caption", str(tmp_path / "missing.jpg"), *common]) == 2
+    assert main(["caption", str(test_dir), *common[:5], str(tmp_path / "nope.yaml"), *common[6:]]) == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
     assert main(["caption", str(test_dir), *common[:1], str(tmp_path / "no-model"), *common[2:]]) == 2
     assert "dvc repro" in capsys.readouterr().err
 

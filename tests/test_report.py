@@ -70,3 +70,12 @@ def test_the_report_renders_in_headless_chromium(report):
         assert ciders == sorted(ciders, reverse=True) and float(first) == min(ciders)
         browser.close()
     assert problems == []
+
+
+def test_missing_inputs_are_reported_not_silently_dropped(chain_project, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="mmcn.eval.report"):
+        counts = build_report(tmp_path / "index.html", chain_project / "lmdb/test", chain_project / "reports/caption",
+                              tmp_path / "no-retrieval", {"absent": tmp_path / "absent.json"}, [tmp_path / "none.csv"])
+    assert "retrieval_queries" not in counts and counts["caption_images"] == 12
+    for missing in ("absent.json", "none.csv", "t2i_predictions.jsonl"):
+        assert missing in caplog.text

@@ -142,6 +142,7 @@ def _metrics_section(metrics: dict[str, Path]) -> str:
     rows = []
     for name, path in metrics.items():
         if not Path(path).is_file():
+            log.warning("report: no %s, its metrics are left out", path)
             continue
         values = _flatten(json.loads(Path(path).read_text(encoding="utf-8")))
         cells = "".join(f"<tr><td>{e(k)}</td><td>{v:.4g}</td></tr>" for k, v in values.items())
@@ -158,6 +159,7 @@ def _curves_section(plots: list[Path]) -> str:
     figs = []
     for path in plots:
         if not Path(path).is_file():
+            log.warning("report: no %s, its curve is left out", path)
             continue
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -216,13 +218,15 @@ def build_report(out: Path, store_dir: Path, caption_dir: Path | None, retrieval
     and plot CSVs; returns counts. Missing optional inputs leave their section out."""
     store = LmdbStore(Path(store_dir))
     sections, counts = [_metrics_section(metrics), _curves_section(plots)], {}
-    if caption_dir and (Path(caption_dir) / "per_image.jsonl").is_file():
-        body, counts["caption_images"] = _caption_section(store, Path(caption_dir) / "per_image.jsonl", cfg)
-        sections.append(body)
-    if retrieval_dir and (Path(retrieval_dir) / "t2i_predictions.jsonl").is_file():
-        body, counts["retrieval_queries"] = _retrieval_section(store, Path(retrieval_dir) / "t2i_predictions.jsonl",
-                                                               cfg)
-        sections.append(body)
+    for name, folder, file, section in (("caption_images", caption_dir, "per_image.jsonl", _caption_section),
+                                        ("retrieval_queries", retrieval_dir, "t2i_predictions.jsonl",
+                                         _retrieval_section)):
+        if folder and (Path(folder) / file).is_file():
+            body, counts[name] = section(store, Path(folder) / file, cfg)
+            sections.append(body)
+        elif folder:
+            log.warning("report: no %s (run the evaluation stage first); that section is left out",
+                        Path(folder) / file)
     nav = "".join(f'<a href="#{k}">{k}</a>' for k in ("metrics", "curves", "captions", "retrieval"))
     page = (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>mmcn report</title>'
             f'<style>{STYLE}</style></head><body><h1>mmcn report: {html.escape(store.path.name)} split</h1>'
