@@ -121,7 +121,7 @@ def _cmd_translate(args: argparse.Namespace) -> int:
 def _cmd_build_lmdb(args: argparse.Namespace) -> int:
     from mmcn.data.lmdb_store import LmdbBuildError, LmdbConfig, build_lmdb
 
-    cfg = LmdbConfig(shards=args.shards, strict=args.strict, map_size_mb=args.map_size_mb)
+    cfg = LmdbConfig(shards=args.shards, strict=args.strict, map_size_mb=args.map_size_mb, workers=args.workers)
     try:
         report = build_lmdb(args.tsv, args.out, args.features, args.tags, cfg)
     except (FileNotFoundError, LmdbBuildError, ValueError) as e:
@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (replaced when the build completes)")
     p.add_argument("--features", type=Path, default=None, help="feature shard folder; omit for images + texts only")
     p.add_argument("--tags", type=Path, default=None, help="translate output folder ({split}.jsonl); omit for no tags")
-    p.add_argument("--shards", type=int, default=1, help="LMDB environments per split")
+    p.add_argument("--shards", type=int, default=1, help="LMDB environments per split, written in parallel")
+    p.add_argument("--workers", type=int, default=0, help="shards written at once (0: one per core)")
     p.add_argument("--strict", action="store_true", help="fail instead of leaving out inconsistent records")
     p.add_argument("--map-size-mb", type=int, default=64, help="initial LMDB map size (doubles when full)")
     p.set_defaults(func=_cmd_build_lmdb)

@@ -38,6 +38,8 @@ def test_shards_round_trip_and_random_access(tmp_path):
     assert [p.name for p in F.shard_paths(tmp_path, "train")] == ["part-00000.parquet", "part-00001.parquet"]
     back = list(F.iter_split(tmp_path, "train"))
     assert [r.image_id for r in back] == [100, 101, 102]
+    for start in range(4):  # from a row on: whole shards before it skipped
+        assert [r.image_id for r in F.iter_split(tmp_path, "train", start=start)] == [100, 101, 102][start:]
     for a, b in zip(records, back):
         np.testing.assert_array_equal(a.features, b.features)
         np.testing.assert_array_equal(a.boxes, b.boxes)

@@ -7,12 +7,12 @@ import json
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import xxhash
 from PIL import Image
 
 from mmcn.data import features as F
@@ -66,9 +66,9 @@ def build(data, out, **cfg):
     return build_lmdb(data["tsv"], out, data["features"], data["tags"], LmdbConfig(**cfg))
 
 
-@pytest.mark.parametrize("shards", [1, 3])
-def test_round_trip_every_field(data, tmp_path, shards):
-    report = build(data, tmp_path / "lmdb", shards=shards)
+@pytest.mark.parametrize(("shards", "workers"), [(1, 0), (3, 1), (3, 3)])  # shards one by one / in parallel
+def test_round_trip_every_field(data, tmp_path, shards, workers):
+    report = build(data, tmp_path / "lmdb", shards=shards, workers=workers)
     assert report["splits"]["test"]["images"] == 7 and report["skipped"] == []
     store = LmdbStore(tmp_path / "lmdb" / "test")
     assert len(store) == 7 and list(store.image_ids) == data["ids"]
@@ -91,7 +91,7 @@ def test_round_trip_every_field(data, tmp_path, shards):
     assert meta["schema_version"] == 1 and meta["feature_dim"] == 2054 and meta["shards"] == shards
     assert sum(m["counts"]["images"] for m in store.metas) == 7
     raw = tsv.imgs_path(data["tsv"], "test").read_bytes()
-    assert meta["sources"]["test_imgs.tsv"] == {"crc32": f"{zlib.crc32(raw):08x}", "bytes": len(raw)}
+    assert meta["sources"]["test_imgs.tsv"] == {"xxh3_128": xxhash.xxh3_128_hexdigest(raw), "bytes": len(raw)}
     assert "features/test/part-00000.parquet" in meta["sources"] and "tags/test.jsonl" in meta["sources"]
     with pytest.raises(KeyError, match="image 5 is not in"):
         store.by_id(5)
@@ -172,6 +172,16 @@ def test_referential_checks(data, tmp_path):
             w.write(i, tsv.pybase64.b64encode(data["images"][i]))
     with pytest.raises(LmdbBuildError, match=rf"test_imgs.tsv:8: image id {data['ids'][0]} already on line 1"):
         build(data, tmp_path / "dup")
+
+
+def test_bad_image_payload_names_its_line(data, tmp_path):
+    with tsv.TsvWriter(tsv.imgs_path(data["tsv"], "test")) as w:
+        for i in data["ids"][:-1]:
+            w.write(i, tsv.pybase64.b64encode(data["images"][i]))
+        w.write(data["ids"][-1], b"not base64!")
+    with pytest.raises(LmdbBuildError, match=rf"test_imgs.tsv:7: image {data['ids'][-1]}: invalid base64.*re-ingest"):
+        build(data, tmp_path / "lmdb", shards=3)  # fails in the last shard's thread
+    assert not (tmp_path / "lmdb").exists() and not list(tmp_path.glob("lmdb.tmp-*"))
 
 
 def test_stale_tags_are_an_error(data, tmp_path):

@@ -147,10 +147,17 @@ def read_shard(path: Path) -> list[RegionFeatures]:
     return [_row_to_record(row) for row in table.to_pylist()]
 
 
-def iter_split(root: Path, split: str) -> Iterator[RegionFeatures]:
-    """Every image's features of ``split``, in stored order."""
+def iter_split(root: Path, split: str, start: int = 0) -> Iterator[RegionFeatures]:
+    """Every image's features of ``split`` in stored order, from row ``start`` on (the shards
+    before it are skipped by the row counts in their footers, unread)."""
     for path in shard_paths(root, split):
-        yield from read_shard(path)
+        rows = pq.read_metadata(path).num_rows
+        if start >= rows:
+            start -= rows
+            continue
+        table = pq.read_table(path, schema=SCHEMA).slice(start)
+        start = 0
+        yield from (_row_to_record(row) for row in table.to_pylist())
 
 
 def iter_columns(root: Path, split: str, columns: Iterable[str]) -> Iterator[dict]:

@@ -147,7 +147,8 @@ class MappedTsv:
     """A whole image TSV memory-mapped, with every line's id and payload span found in one
     vectorised pass (no per-line reads or copies): for fast sequential conversion.
 
-    ``ids[i]`` is line i's key; :meth:`payload` is its base64 text as a zero-copy view.
+    ``ids[i]`` is line i's key; :meth:`payload` is its base64 text as a zero-copy view
+    (``view``: the whole file).
     A line that is not ``<int id>\t<payload>`` raises ValueError naming the line.
     """
 
@@ -156,7 +157,7 @@ class MappedTsv:
         self._f = open(self.path, "rb")
         size = os.fstat(self._f.fileno()).st_size
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        self._view = memoryview(self._mm) if size else memoryview(b"")
+        self.view = memoryview(self._mm) if size else memoryview(b"")
         ids, tabs, ends = [], [], []
         pos = 0
         while pos < size:  # memchr-speed scans of the map
@@ -165,7 +166,7 @@ class MappedTsv:
             stop = end - 1 if end > pos and self._mm[end - 1] == 13 else end  # "\r\n"
             tab = self._mm.find(b"\t", pos, stop)
             try:
-                ids.append(int(self._view[pos:tab]) if tab > pos else int("no key"))
+                ids.append(int(self.view[pos:tab]) if tab > pos else int("no key"))
             except ValueError:
                 raise ValueError(f"{self.path}:{len(ids) + 1}: not an 'image_id<TAB>base64' line") from None
             tabs.append(tab)
@@ -178,10 +179,10 @@ class MappedTsv:
         return len(self.ids)
 
     def payload(self, i: int) -> memoryview:
-        return self._view[self._tabs[i] + 1:self._ends[i]]
+        return self.view[self._tabs[i] + 1:self._ends[i]]
 
     def close(self) -> None:
-        self._view.release()
+        self.view.release()
         if self._mm is not None:
             self._mm.close()
         self._f.close()
