@@ -121,8 +121,8 @@ def _cmd_translate(args: argparse.Namespace) -> int:
 def _cmd_build_lmdb(args: argparse.Namespace) -> int:
     from mmcn.data.lmdb_store import LmdbBuildError, LmdbConfig, build_lmdb
 
-    cfg = LmdbConfig(shards=args.shards, strict=args.strict, map_size_mb=args.map_size_mb, workers=args.workers)
     try:
+        cfg = LmdbConfig(shards=args.shards, strict=args.strict, map_size_mb=args.map_size_mb, workers=args.workers)
         report = build_lmdb(args.tsv, args.out, args.features, args.tags, cfg)
     except (FileNotFoundError, LmdbBuildError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

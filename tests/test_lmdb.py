@@ -15,6 +15,7 @@ import torch
 import xxhash
 from PIL import Image
 
+from mmcn.cli import main as cli_main
 from mmcn.data import features as F
 from mmcn.data import tsv
 from mmcn.data.datasets import CaptionDataset, RetrievalDataset
@@ -182,6 +183,15 @@ def test_bad_image_payload_names_its_line(data, tmp_path):
     with pytest.raises(LmdbBuildError, match=rf"test_imgs.tsv:7: image {data['ids'][-1]}: invalid base64.*re-ingest"):
         build(data, tmp_path / "lmdb", shards=3)  # fails in the last shard's thread
     assert not (tmp_path / "lmdb").exists() and not list(tmp_path.glob("lmdb.tmp-*"))
+
+
+def test_build_lmdb_command(data, tmp_path, capsys):
+    args = ["build-lmdb", "--tsv", str(data["tsv"]), "--features", str(data["features"]), "--tags", str(data["tags"])]
+    assert cli_main([*args, "--out", str(tmp_path / "lmdb"), "--shards", "2", "--workers", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["test"]["images"] == 7
+    assert len(LmdbStore(tmp_path / "lmdb" / "test")) == 7
+    assert cli_main([*args, "--out", str(tmp_path / "bad"), "--workers", "-1"]) == 2
+    assert "workers must be >= 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_stale_tags_are_an_error(data, tmp_path):
