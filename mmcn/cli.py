@@ -435,12 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
 def main(argv: list[str] | None = None) -> int:
+    from mmcn.logs import setup_logging
+
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     return args.func(args)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from mmcn.cli import setup_logging
+from mmcn.logs import setup_logging
 
 PARAMS_FILE = Path("params.yaml")
 

@@ -8,6 +8,7 @@ for key, value in {"GIT_AUTHOR_NAME": "mmcn-tests", "GIT_AUTHOR_EMAIL": "tests@m
 
 
 import pytest  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +21,33 @@ def ray_session():
                  runtime_env={"env_vars": {"DVC_NO_ANALYTICS": "1"}})
     yield ray
     ray.shutdown()
+
+
+@contextmanager
+def pinned_numerics(seed: int = 0):
+    """Training numerics pinned for a block: 1 CPU thread (float sums then have one order,
+    whatever the machine's load or what ran before), the seed, deterministic algorithms; the
+    previous settings come back afterwards, so no test leaks them into the next."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    rng = torch.get_rng_state()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_rng_state(rng)
+
+
+@pytest.fixture
+def pinned_torch():
+    """:func:`pinned_numerics` around one test."""
+    with pinned_numerics():
+        yield
 
 
 TINY_LAYOUT = {"max_text_len": 16, "max_tag_len": 12, "max_regions": 6}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from conftest import pinned_numerics
 
 from mmcn.vision import DetectorConfig, build_detector, detector_config, display_label, load_detector, load_vocab, save_detector
 from mmcn.vision.detector import Detector, select_detections
@@ -36,21 +37,21 @@ def _scene(rng: np.random.Generator, config: DetectorConfig) -> tuple[torch.Tens
 @pytest.fixture(scope="module")
 def trained():
     """A small detector after a few SGD steps on 8 synthetic images, with its data and loss history."""
-    torch.manual_seed(0)
     config = detector_config("small")
     rng = np.random.default_rng(0)
     data = [_scene(rng, config) for _ in range(8)]
     images, targets = [d[0] for d in data], [d[1] for d in data]
-    model = build_detector(config).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     history = []
-    for _ in range(16):
-        losses = model(images, targets)
-        loss = sum(losses.values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append({k: v.item() for k, v in losses.items()})
+    with pinned_numerics():
+        model = build_detector(config).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        for _ in range(16):
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append({k: v.item() for k, v in losses.items()})
     return model.eval(), images, targets, history
 
 

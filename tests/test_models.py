@@ -78,14 +78,15 @@ def generate(model, tok, batch, **kw):
 
 
 @pytest.mark.parametrize("copy_tags", [False, True])
-def test_tiny_model_overfits_to_exact_captions(copy_tags):
-    torch.manual_seed(0)
+def test_tiny_model_overfits_to_exact_captions(copy_tags, pinned_torch):
+    # lr 1e-3: at 3e-3 the loss spikes late in the 400 steps and the result then hangs on the
+    # float summation order (it passed with 2 threads, failed with 1)
     tok = tokenizer()
     model = build_model("caption", len(tok), "tiny", label_smoothing=0.0, copy_tags=copy_tags, **LAYOUT)
     collate = CaptionCollator(tok, model.config, train=True, mask_prob=0.5, max_masked=8,
                               generator=torch.Generator().manual_seed(0))
     data = items()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     for _ in range(400):
         loss = model(**collate(data)).loss
@@ -100,7 +101,7 @@ def test_tiny_model_overfits_to_exact_captions(copy_tags):
 
 
 @pytest.mark.parametrize("copy_tags", [False, True])
-def test_beam_search_is_at_least_as_likely_as_greedy(copy_tags):
+def test_beam_search_is_at_least_as_likely_as_greedy(copy_tags, pinned_torch):
     torch.manual_seed(3)
     tok = tokenizer()
     model = build_model("caption", len(tok), "tiny", copy_tags=copy_tags, **LAYOUT).eval()
@@ -116,7 +117,7 @@ def test_beam_search_is_at_least_as_likely_as_greedy(copy_tags):
     assert all(len(set(x)) == len(x) for x in ids)
 
 
-def test_copy_distribution_is_a_distribution_over_the_vocabulary_and_the_tags():
+def test_copy_distribution_is_a_distribution_over_the_vocabulary_and_the_tags(pinned_torch):
     torch.manual_seed(0)
     tok = tokenizer()
     model = build_model("caption", len(tok), "tiny", copy_tags=True, **LAYOUT).eval()
@@ -135,7 +136,7 @@ def test_copy_distribution_is_a_distribution_over_the_vocabulary_and_the_tags():
         assert abs(p[i, on_tags].sum().item() - 1) < 1e-5
 
 
-def test_copying_tags_reaches_words_no_training_caption_contains():
+def test_copying_tags_reaches_words_no_training_caption_contains(pinned_torch):
     """Captions say "有" + the tag's colour and shape; white (白) is in no training caption
     but is a tag of the held-out image: only the copying model can say it."""
     colours, shapes = "红绿蓝黄紫橙黑白", "圆方星心"
@@ -183,7 +184,7 @@ def test_save_load_round_trip(tmp_path):
                 assert torch.equal(model.match_score(*args), loaded.match_score(*args))
 
 
-def test_retrieval_learns_to_match_in_batch():
+def test_retrieval_learns_to_match_in_batch(pinned_torch):
     torch.manual_seed(0)
     tok = tokenizer()
     model = build_model("retrieval", len(tok), "tiny", **LAYOUT)
@@ -208,7 +209,7 @@ def test_retrieval_learns_to_match_in_batch():
     assert (positive > negative).all()
 
 
-def test_retrieval_without_the_matcher_trains_the_dual_encoder_only():
+def test_retrieval_without_the_matcher_trains_the_dual_encoder_only(pinned_torch):
     torch.manual_seed(0)
     tok = tokenizer()
     model = build_model("retrieval", len(tok), "tiny", match_weight=0.0, **LAYOUT)

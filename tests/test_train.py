@@ -42,8 +42,12 @@ def pairs(lmdb_dir: Path) -> int:
 
 
 def test_in_process_training_exports_a_model_that_loads(lmdb_dir, tmp_path):
-    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, checkpoint_every=2, workers=0)
+    import torch
+
+    threads = torch.get_num_threads()
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, checkpoint_every=2, workers=0, cpus_per_worker=threads + 1)
     summary = train(ModelSpec("caption", "tiny", settings=LAYOUT), lmdb_dir, tmp_path / "model", cfg, tmp_path / "ray")
+    assert torch.get_num_threads() == threads  # the in-process loop gives the caller its thread count back
     steps_per_epoch = pairs(lmdb_dir) // 4  # drop_last
     assert summary["steps"] == 2 * steps_per_epoch == len(summary["train"])
     assert [v["epoch"] for v in summary["valid"]] == [1, 2] and "valid_token_accuracy" in summary["valid"][0]

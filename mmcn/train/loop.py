@@ -157,6 +157,14 @@ def _build(spec: ModelSpec, vocab_size: int):
 # --------------------------------------------------------------------------- every worker
 
 def train_loop(config: dict) -> None:
+    """One worker's training: its own CPU thread count while it runs, the caller's afterwards."""
+    from mmcn.models.runtime import torch_threads
+
+    with torch_threads(TrainConfig(**config["cfg"]).cpus_per_worker):
+        _train_worker(config)
+
+
+def _train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from torch.utils.data import DataLoader
@@ -169,7 +177,6 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(config["tokenizer_dir"])
 
