@@ -3,7 +3,7 @@ data/labels_zh/ -> one LMDB store per split in data/lmdb/."""
 import sys
 from pathlib import Path
 
-from common import stage_params, start
+from common import execution_params, stage_params, start
 
 from mmcn.data.lmdb_store import LmdbBuildError, LmdbConfig, build_lmdb
 
@@ -11,7 +11,7 @@ if __name__ == "__main__":
     log = start("lmdb")
     try:
         build_lmdb(Path("data/tsv"), Path("data/lmdb"), features_dir=Path("data/features"),
-                   tags_dir=Path("data/labels_zh"), cfg=LmdbConfig(**stage_params("lmdb")))
+                   tags_dir=Path("data/labels_zh"), cfg=LmdbConfig(**stage_params("lmdb"), **execution_params("lmdb")))
     except LmdbBuildError as e:
         log.error("%s", e)
         sys.exit(1)

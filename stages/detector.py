@@ -16,14 +16,32 @@ TSV = Path("data/tsv")
 OUT = Path("models/detector")
 METRICS = Path("metrics/detector.json")
 PLOT = Path("plots/detector_loss.csv")
+CHECKPOINT_SUFFIXES = (".pkl", ".pth")
+
+
+def checkpoint_file(weights: Path) -> Path | None:
+    """``detector.weights``: a checkpoint file, or a folder holding at most one (none: train).
+    It is a dep of the stage in dvc.yaml (``${detector.weights}``), so new weights rerun it."""
+    if weights.is_file():
+        return weights
+    if not weights.is_dir():
+        raise SystemExit(f"detector.weights: {weights}: no such file or folder")
+    found = sorted(p for p in weights.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise SystemExit(f"detector.weights: {weights} holds {len(found)} checkpoints ({names}): keep one there "
+                         f"or point detector.weights at the file")
+    return found[0] if found else None
+
 
 if __name__ == "__main__":
     log = start("detector")
     p = stage_params("detector")
     METRICS.parent.mkdir(exist_ok=True)
     PLOT.parent.mkdir(exist_ok=True)
-    if p["weights"]:
-        model = load_checkpoint(Path(p["weights"]), detector_config(p["arch"]))
+    weights = checkpoint_file(Path(p["weights"]))
+    if weights:
+        model = load_checkpoint(weights, detector_config(p["arch"]))
         history = []
         metrics = {"source": "converted", "arch": p["arch"]}
     else:

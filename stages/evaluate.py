@@ -5,14 +5,14 @@ import os
 import sys
 from pathlib import Path
 
-from common import stage_params, start, start_ray
+from common import execution_params, stage_params, start, start_ray
 
 from mmcn.eval.evaluate import EvalConfig, evaluate_captions, evaluate_retrieval
 
 if __name__ == "__main__":
     task = sys.argv[1]
     log = start(f"evaluate.{task}")
-    cfg = EvalConfig(**stage_params(task)["eval"])
+    cfg = EvalConfig(**stage_params(f"{task}.eval"), **execution_params(f"{task}.eval"))
     os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     start_ray()
     run = {"caption": evaluate_captions, "retrieval": evaluate_retrieval}[task]

@@ -2,7 +2,7 @@
 import sys
 from pathlib import Path
 
-from common import stage_params, start
+from common import execution_params, stage_params, start
 
 from mmcn.data.ingest import IngestConfig, IngestError, ingest
 
@@ -13,7 +13,7 @@ if __name__ == "__main__":
     params = stage_params("ingest")
     src = Path(params.pop("src"))
     try:
-        ingest(src, OUT, IngestConfig(**params))
+        ingest(src, OUT, IngestConfig(**params, **execution_params("ingest")))
     except IngestError as e:
         log.error("%s", e)
         sys.exit(1)

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from common import stage_params, start, start_ray
+from common import execution_params, stage_params, start, start_ray
 
 from mmcn.train.loop import ModelSpec, TrainConfig, train
 
@@ -22,10 +22,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 if __name__ == "__main__":
     task = sys.argv[1]
     log = start(f"train.{task}")
-    params, shared = stage_params(task), stage_params("train")
-    model = dict(params["model"])
+    model = dict(stage_params(f"{task}.model"))
     spec = ModelSpec(task, size=model.pop("size"), init=model.pop("init") or "", settings=model)
-    cfg = TrainConfig(**params["train"], **shared)
+    cfg = TrainConfig(**stage_params(f"{task}.train"), **stage_params("train"), **execution_params("train"))
     # Ray's own loggers at ERROR in every process of the local Ray this stage starts: Ray
     # Train's placement-group cleaner warns every second when the dashboard (State API) is off
     os.environ.setdefault("RAY_LOGGER_LEVEL", "error")

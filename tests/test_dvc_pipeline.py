@@ -26,12 +26,13 @@ TINY_MODEL = {"size": "tiny", "max_text_len": 24, "max_tag_len": 12, "max_region
 TINY_TRAIN = {"epochs": 1, "batch_size": 8, "checkpoint_every": 1000}
 TINY_EVAL = {"caption": {"num_beams": 1, "max_length": 6, "batch_size": 8},
              "retrieval": {"rerank_k": 2, "batch_size": 8}}
-TINY = {"demo": {"train": 12, "valid": 4, "test": 4}, "ingest": {"workers": 1},
+TINY = {"demo": {"train": 12, "valid": 4, "test": 4},
         "detector": {"epochs": 1, "batch_size": 4, "warmup_steps": 1, "max_images": 8},
         "features": {"min_boxes": 2, "max_boxes": 4, "shard_size": 8},
-        "train": {"workers": 0, "cpus_per_worker": 1},  # in-process: Ray Train workers are tested in test_train
+        "train": {"workers": 0},  # in-process: Ray Train workers are tested in test_train
         "caption": {"model": TINY_MODEL, "train": TINY_TRAIN, "eval": TINY_EVAL["caption"]},
-        "retrieval": {"model": {**TINY_MODEL, "match_weight": 1.0}, "train": TINY_TRAIN, "eval": TINY_EVAL["retrieval"]}}
+        "retrieval": {"model": {**TINY_MODEL, "match_weight": 1.0}, "train": TINY_TRAIN, "eval": TINY_EVAL["retrieval"]},
+        "execution": {"ingest": {"workers": 1}, "train": {"cpus_per_worker": 1}}}
 MODEL_STAGES = {"train@caption", "train@retrieval", "evaluate@caption", "evaluate@retrieval", "report"}
 CAPTION_STAGES = {"train@caption", "evaluate@caption", "report"}
 DATA_STAGES = {"demo", "ingest", "detector", "features", "translate", "lmdb"}
@@ -72,6 +73,7 @@ def repo(tmp_path_factory) -> Path:
         shutil.copy(ROOT / name, repo / name)
     (repo / "data").mkdir()
     shutil.copy(ROOT / "data/labels_zh_overrides.tsv", repo / "data/labels_zh_overrides.tsv")
+    shutil.copytree(ROOT / "data/detector_weights", repo / "data/detector_weights")  # detector.weights: none there
     for tree in ("stages", "mmcn"):
         shutil.copytree(ROOT / tree, repo / tree, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     set_params(repo, TINY)
@@ -113,6 +115,12 @@ def test_repro_end_to_end_then_nothing(repo):
 
     assert ran(run(repo, *DVC, "repro")) == set()
     assert "up to date" in run(repo, *DVC, "status")
+    # execution settings (worker counts, threads) are no DVC params: changing them reruns nothing
+    params = (repo / "params.yaml").read_text(encoding="utf-8")
+    set_params(repo, {"execution": {"ingest": {"workers": 2}, "features": {"workers": 2}, "lmdb": {"workers": 2},
+                                    "train": {"cpus_per_worker": 2}, "caption": {"eval": {"workers": 2}}}})
+    assert "up to date" in run(repo, *DVC, "status")
+    (repo / "params.yaml").write_text(params, encoding="utf-8")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline run")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmcn import provenance
 from mmcn.data import features as F
 from mmcn.data import tsv
 from mmcn.vision.config import detector_config
@@ -47,7 +48,7 @@ def tsv_dir(tmp_path):
     return root
 
 
-def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, tsv_dir, tmp_path):
+def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, tsv_dir, tmp_path, monkeypatch):
     out = tmp_path / "features"
     cfg = ExtractConfig(min_boxes=3, max_boxes=5, shard_size=2, batch_size=2)
     report = extract_features(detector_dir, tsv_dir, out, cfg)
@@ -74,6 +75,19 @@ def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, 
     assert {p.name: p.read_bytes() for p in F.shard_paths(out, "train")} == before
     assert F.shard_path(out, "train", 0).stat().st_mtime_ns == kept_mtime
     assert again["splits"] == report["splits"]
+
+    # the code that extracts changed (an extra file in the walker's result stands for an edit of
+    # extract.py): nothing is resumed, the folder is cleared and every shard extracted again
+    edit = tmp_path / "extract_edit.py"
+    edit.write_text("# an edit\n")
+    walk = provenance.code_files
+    monkeypatch.setattr(provenance, "code_files", lambda target: [*walk(target), edit])
+    (out / "stale").touch()
+    redone = extract_features(detector_dir, tsv_dir, out, cfg)
+    assert not (out / "stale").exists() and redone["splits"] == report["splits"]
+    assert F.shard_path(out, "train", 0).stat().st_mtime_ns != kept_mtime
+    assert {p.name: p.read_bytes() for p in F.shard_paths(out, "train")} == before
+    assert edit.as_posix() in json.loads((out / "_fingerprint.json").read_text())["code"]
 
     # other settings: the old shards are not reused
     changed = extract_features(detector_dir, tsv_dir, out, ExtractConfig(min_boxes=2, max_boxes=2, shard_size=2))

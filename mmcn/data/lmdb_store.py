@@ -38,7 +38,6 @@ import contextlib
 import ctypes
 import json
 import logging
-import mmap
 import os
 import shutil
 import struct
@@ -54,12 +53,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
 import pybase64
-import xxhash
 from tqdm import tqdm
 
 from mmcn.data import features as F
 from mmcn.data import tsv
 from mmcn.data.tags import ImageTags, read_tags, tag_text, tags_path
+from mmcn.provenance import checksum
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +75,6 @@ class LmdbBuildError(ValueError):
 
 def _key(position: int) -> bytes:
     return position.to_bytes(4, "big")
-
-
-def _checksum(source: Path | memoryview) -> dict:
-    """XXH3-128 and size of a source file (or of its memory map, already paged in): enough to
-    tell which inputs a store was built from, and at 10+ GB/s it hides behind the build (a
-    cryptographic hash would be the slowest part of it; dvc.lock keeps the md5 of every
-    input folder anyway)."""
-    if isinstance(source, memoryview):
-        return {"xxh3_128": xxhash.xxh3_128_hexdigest(source), "bytes": source.nbytes}
-    with open(source, "rb") as f:
-        if not os.fstat(f.fileno()).st_size:
-            return _checksum(memoryview(b""))
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
-            return _checksum(view)
 
 
 @dataclass(frozen=True)
@@ -317,7 +302,7 @@ def build_lmdb(tsv_dir: Path, out_dir: Path, features_dir: Path | None = None, t
         # the texts files parse and the sources hash on the second core while this thread checks
         texts = {split: background.submit(_read_texts, tsv.texts_path(tsv_dir, split)) for split in splits}
         for split in splits:
-            digests[split] = {name: background.submit(_checksum, path)
+            digests[split] = {name: background.submit(checksum, path)
                               for name, path in _sources(split, tsv_dir, features_dir, tags_dir).items()}
         for split in splits:  # every check before anything is written
             tags[split] = None
@@ -332,7 +317,7 @@ def build_lmdb(tsv_dir: Path, out_dir: Path, features_dir: Path | None = None, t
                                           np.int64)
             checked[split] = _check_split(split, tsv_dir, features_dir, tags[split], feature_ids, texts[split])
             lines = checked[split].lines  # hashed through the map the check has just paged in
-            digests[split][lines.path.name] = background.submit(_checksum, lines.view)
+            digests[split][lines.path.name] = background.submit(checksum, lines.view)
         skipped = [s for c in checked.values() for s in c.skipped]
         if skipped and cfg.strict:
             listing = "\n".join(f"  {s}" for s in skipped[:50])

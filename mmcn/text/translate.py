@@ -30,6 +30,7 @@ Kind = Literal["object", "attribute"]
 KINDS: tuple[str, ...] = ("object", "attribute")
 POLICIES: tuple[str, ...] = ("keep", "drop", "error")
 PACKAGED_TABLE = "resources/labels_zh.tsv"
+RESOURCES = (PACKAGED_TABLE,)  # package data read here (mmcn.provenance: code deps, fingerprints)
 
 
 class UnknownLabelError(ValueError):

@@ -6,9 +6,11 @@ the final model in ``save_pretrained`` layout. :func:`train_loop` (every worker)
 AdamW, warmup then linear/cosine decay, gradient accumulation and clipping, a
 checkpoint every ``checkpoint_every`` optimizer steps and at each epoch's end, a valid
 evaluation per epoch. Checkpoints live under ``storage_path/run_name`` (outside DVC's
-outputs); the run name is a fingerprint of the data and settings, so rerunning a killed
-training with the same inputs continues from its last checkpoint (Ray Train restores the
-run from storage), and ``FailureConfig`` restarts crashed workers from it.
+outputs); the run name is the task and a fingerprint (:func:`_fingerprint`) of the
+settings, the content of the train and valid data and the code that trains, so rerunning a
+killed training with all of it unchanged continues from its last checkpoint (Ray Train
+restores the run from storage), any change starts a new run, and ``FailureConfig``
+restarts crashed workers from it.
 """
 from __future__ import annotations
 
@@ -137,14 +139,24 @@ def export(model, tokenizer_dir: Path, out_dir: Path, metadata: dict) -> None:
 
 
 def _fingerprint(spec: ModelSpec, cfg: TrainConfig, store) -> str:
-    """Settings + training data + the code that trains: a rerun resumes only an identical run."""
+    """The hash in the run name: the model spec and training settings (not ``max_failures`` or
+    ``cpus_per_worker``: they change how, not what), the content of the data (the XXH3-128
+    source checksums in the meta of ``store``, the train split, and of the valid split next
+    to it when there is one) and the code that trains (every mmcn file this module runs, from
+    :func:`mmcn.provenance.code_files`, the same walk that checks dvc.yaml's deps). A rerun
+    resumes a run only when all of it is unchanged."""
+    from mmcn import provenance
+    from mmcn.data.lmdb_store import LmdbStore
+
     settings = {**asdict(spec), **{k: v for k, v in asdict(cfg).items() if k not in ("max_failures", "cpus_per_worker")}}
+    try:
+        valid = LmdbStore(Path(store.path).parent / "valid").meta["sources"]
+    except FileNotFoundError:  # no valid split
+        valid = None
+    sources = {"train": store.meta["sources"], "valid": valid}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    digest.update(json.dumps(store.meta["sources"], sort_keys=True).encode())
-    package = Path(__file__).resolve().parents[1]
-    for path in sorted([*package.glob("models/*.py"), *package.glob("train/*.py"), package / "text/tokenizer.py",
-                        package / "data/datasets.py"]):
-        digest.update(path.read_bytes())
+    digest.update(json.dumps(sources, sort_keys=True).encode())
+    digest.update(json.dumps(provenance.digests(provenance.code_files(__name__)), sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
 

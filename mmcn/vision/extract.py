@@ -5,9 +5,10 @@ Each split's images (in TSV order) are cut into shards of ``shard_size`` images.
 is one Ray Data row; an actor pool of ``workers`` detectors (one GPU each when asked
 for, CPU otherwise) turns it into a Parquet shard written atomically through
 :mod:`mmcn.data.features`. Shards already on disk are skipped, so a killed run restarted
-on the same inputs continues where it stopped and ends with the same bytes. A
-``_fingerprint.json`` (detector weights, extraction settings, input TSVs) guards against
-reusing shards made with anything else: on a mismatch the folder is cleared first.
+on the same inputs continues where it stopped and ends with the same bytes. Shards are
+reused only when ``_fingerprint.json`` (see :func:`fingerprint`: detector files, the code
+that extracts, the input TSVs' content, the settings that change results) matches this
+run's; on a mismatch the folder is cleared first and every shard is extracted again.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmcn import provenance
 from mmcn.data import features as F
 from mmcn.data import tsv
 
@@ -65,6 +67,11 @@ def plan(tsv_dir: Path, shard_size: int) -> list[ShardTask]:
 
 
 def fingerprint(detector_dir: Path, tsv_dir: Path, cfg: ExtractConfig) -> dict:
+    """What the shards of a run are made from: the detector folder's files (SHA-256), the code
+    that extracts (XXH3-128 of every mmcn file this module runs, from
+    :func:`mmcn.provenance.code_files`, the same walk that checks dvc.yaml's deps), the
+    content of each ``{split}_imgs.tsv`` (XXH3-128 and size) and the settings, less those that
+    change only speed (``workers``, ``cpus_per_worker``) or the device (``use_gpu``)."""
     digest = hashlib.sha256()
     for name in sorted(os.listdir(detector_dir)):
         path = Path(detector_dir) / name
@@ -73,9 +80,11 @@ def fingerprint(detector_dir: Path, tsv_dir: Path, cfg: ExtractConfig) -> dict:
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
-    inputs = {p.name: p.stat().st_size for p in sorted(Path(tsv_dir).glob("*_imgs.tsv"))}
+    inputs = {path.name: provenance.checksum(path)
+              for path in (tsv.imgs_path(tsv_dir, split) for split in tsv.splits_in(tsv_dir))}
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "use_gpu", "cpus_per_worker")}
-    return {"detector_sha256": digest.hexdigest(), "inputs": inputs, "settings": settings}
+    return {"detector_sha256": digest.hexdigest(), "code": provenance.digests(provenance.code_files(__name__)),
+            "inputs": inputs, "settings": settings}
 
 
 def decode(data: bytes, cfg: ExtractConfig):
@@ -174,7 +183,7 @@ def extract_features(detector_dir: Path, tsv_dir: Path, out_dir: Path, cfg: Extr
     mark = fingerprint(detector_dir, tsv_dir, cfg)
     previous = out_dir / FINGERPRINT
     if out_dir.exists() and (not previous.is_file() or json.loads(previous.read_text()) != mark):
-        log.info("%s holds shards from other inputs or settings: starting afresh", out_dir)
+        log.info("%s holds shards from other inputs, code or settings: starting afresh", out_dir)
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous.write_text(json.dumps(mark, indent=2) + "\n")

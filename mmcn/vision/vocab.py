@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 PACKAGED = ("vg1600_objects", "vg400_attributes", "vinvl1594_objects", "vinvl524_attributes", "coco80_objects")
+RESOURCES = ("resources/detector",)  # package data read here (mmcn.provenance: code deps, fingerprints)
 
 
 def load_vocab(name_or_path: str | Path) -> tuple[str, ...]:
