@@ -39,9 +39,10 @@ import numpy as np  # noqa: E402
 import pybase64  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mmcn.data import features as F  # noqa: E402
+from mmcn.data import features as region_features  # noqa: E402
 from mmcn.data import tsv  # noqa: E402
-from mmcn.data.lmdb_store import LmdbConfig, LmdbStore, build_lmdb  # noqa: E402
+from mmcn.data.lmdb_build import LmdbConfig, build_lmdb  # noqa: E402
+from mmcn.data.lmdb_store import LmdbStore  # noqa: E402
 from mmcn.data.tags import ImageTags, tags_path, write_tags  # noqa: E402
 from timing import timed  # noqa: E402  (bench/timing.py)
 
@@ -75,14 +76,14 @@ def make_dataset(root: Path, n: int, per_image: int, boxes: int, side: tuple[int
              for t in range(n * per_image)]
     tsv.write_texts(tsv.texts_path(root / "tsv", SPLIT), texts)
     shard, records, tags = 0, [], []
-    pooled = rng.standard_normal((boxes, F.POOLED_DIM)).astype(np.float32)
+    pooled = rng.standard_normal((boxes, region_features.POOLED_DIM)).astype(np.float32)
     for k, i in enumerate(ids):
         b = np.tile(np.array([[4, 4, 60, 60]], np.float32), (boxes, 1))
-        records.append(F.RegionFeatures(i, 128, 128, b, ["dog"] * boxes, np.full(boxes, 0.5, np.float32),
-                                        F.region_features(pooled, b, 128, 128), [["brown"]] * boxes, [[0.8]] * boxes))
+        records.append(region_features.RegionFeatures(i, 128, 128, b, ["dog"] * boxes, np.full(boxes, 0.5, np.float32),
+                                        region_features.region_features(pooled, b, 128, 128), [["brown"]] * boxes, [[0.8]] * boxes))
         tags.append(ImageTags(i, ["狗"] * boxes, [["棕色"]] * boxes, ["棕色 狗"] * boxes))
         if len(records) == 1024 or k == n - 1:
-            F.write_shard(F.shard_path(root / "features", SPLIT, shard), records)
+            region_features.write_shard(region_features.shard_path(root / "features", SPLIT, shard), records)
             shard, records = shard + 1, []
     write_tags(tags_path(root / "tags", SPLIT), tags)
     marker.touch()

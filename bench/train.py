@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmcn.data import features as F
+from mmcn.data import features as region_features
 from mmcn.data import tsv
-from mmcn.data.lmdb_store import LmdbStore, build_lmdb
+from mmcn.data.lmdb_build import build_lmdb
+from mmcn.data.lmdb_store import LmdbStore
 from mmcn.data.tags import ImageTags, tags_path, write_tags
 from mmcn.models.factory import build_model
-from mmcn.text.tokenizer import build_tokenizer
+from mmcn.models.tokenizer import build_tokenizer
 from mmcn.train.loop import ModelSpec, TrainConfig, _task_data, train
 
 LAYOUT = {"max_text_len": 40, "max_tag_len": 30, "max_regions": 20}
@@ -55,12 +56,12 @@ def make_store(root: Path, n: int, boxes: int = 20, seed: int = 0) -> Path:
         records, tags = [], []
         for i in ids:
             b = np.tile(np.array([[4, 4, 60, 60]], np.float32), (boxes, 1))
-            pooled = rng.standard_normal((boxes, F.POOLED_DIM)).astype(np.float32)
-            records.append(F.RegionFeatures(i, 128, 128, b, ["dog"] * boxes, np.full(boxes, 0.5, np.float32),
-                                            F.region_features(pooled, b, 128, 128), [["brown"]] * boxes,
+            pooled = rng.standard_normal((boxes, region_features.POOLED_DIM)).astype(np.float32)
+            records.append(region_features.RegionFeatures(i, 128, 128, b, ["dog"] * boxes, np.full(boxes, 0.5, np.float32),
+                                            region_features.region_features(pooled, b, 128, 128), [["brown"]] * boxes,
                                             [[0.8]] * boxes))
             tags.append(ImageTags(i, ["狗"] * boxes, [["棕色"]] * boxes, ["棕色 狗"] * boxes))
-        F.write_shard(F.shard_path(src / "features", split, 0), records)
+        region_features.write_shard(region_features.shard_path(src / "features", split, 0), records)
         write_tags(tags_path(src / "tags", split), tags)
         build_lmdb(src, root / f"built-{split}", src / "features", src / "tags")
         lmdb_dir.mkdir(parents=True, exist_ok=True)

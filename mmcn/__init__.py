@@ -5,7 +5,8 @@ images with trained models; they are imported on first use, so ``import mmcn`` s
 """
 __version__ = "0.1.0"
 
-_LAZY = {"Captioner": "mmcn.infer", "Searcher": "mmcn.infer", "ChainConfig": "mmcn.infer", "Decoding": "mmcn.infer"}
+_LAZY = {"Captioner": "mmcn.infer", "Searcher": "mmcn.infer", "ChainConfig": "mmcn.infer",
+         "Decoding": "mmcn.models.inference"}
 
 
 def __getattr__(name: str):

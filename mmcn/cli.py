@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")  # the pipeline's params, read by `caption` / `search` when present
+
+
+def _defaults(config_class) -> dict:
+    """A config dataclass's field defaults: the CLI states none of its own, so a flag left out
+    means what the library (and so the pipeline's stage) means."""
+    return {f.name: f.default for f in dataclasses.fields(config_class)}
 
 
 def _positive_int_or_none(value: str) -> int | None:
@@ -119,7 +126,7 @@ def _cmd_translate(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_lmdb(args: argparse.Namespace) -> int:
-    from mmcn.data.lmdb_store import LmdbBuildError, LmdbConfig, build_lmdb
+    from mmcn.data.lmdb_build import LmdbBuildError, LmdbConfig, build_lmdb
 
     try:
         cfg = LmdbConfig(shards=args.shards, strict=args.strict, map_size_mb=args.map_size_mb, workers=args.workers)
@@ -132,35 +139,37 @@ def _cmd_build_lmdb(args: argparse.Namespace) -> int:
 
 
 def _chain_settings(args: argparse.Namespace):
-    """The inference chain's settings: params.yaml's ``ingest.max_side``, ``features.*``,
-    ``translate.*`` and ``{task}.eval`` decoding when ``--params`` exists (so that the chain
-    matches the pipeline run in this folder), else the library defaults; flags win."""
+    """``(chain, decoding)`` for `caption` / `search`. The chain (ingest.max_side, features.*,
+    translate.*): from ``--params`` when given, else None, which means the settings recorded in
+    the model folder (those of the data it was trained and evaluated on). Decoding: the
+    ``{task}.eval`` section of ``--params``, or of ./params.yaml when there is one (the
+    evaluation stage's beams in the project folder), else the library's; flags win."""
     import yaml
 
     from mmcn.infer import ChainConfig, Decoding
     from mmcn.text.translate import TranslateConfig
     from mmcn.vision.extract import ExtractConfig
 
-    params, log = {}, logging.getLogger("mmcn.cli")
-    if args.params and Path(args.params).is_file():
+    log = logging.getLogger("mmcn.cli")
+    chain, params = None, {}
+    if args.params is not None:
+        if not Path(args.params).is_file():
+            raise FileNotFoundError(f"--params {args.params}: no such file")
         params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
+        feats, trans = params.get("features") or {}, params.get("translate") or {}
+        chain = ChainConfig(ExtractConfig(**{k: feats[k] for k in ("min_boxes", "max_boxes", "score_thresh",
+                                                                  "nms_thresh", "batch_size") if k in feats}),
+                            TranslateConfig(**{k: trans[k] for k in ("unknown", "max_attributes") if k in trans}),
+                            overrides=trans.get("overrides") or "",
+                            max_side=(params.get("ingest") or {}).get("max_side"))
         log.info("chain settings from %s", args.params)
-    elif args.params != PARAMS_FILE:
-        raise FileNotFoundError(f"--params {args.params}: no such file")
-    else:
-        log.warning("no %s here: the library's default chain settings apply (pass --params)", PARAMS_FILE)
-    feats, trans = params.get("features") or {}, params.get("translate") or {}
-    extract = ExtractConfig(**{k: feats[k] for k in ("min_boxes", "max_boxes", "score_thresh", "nms_thresh",
-                                                     "batch_size") if k in feats})
-    translate = TranslateConfig(**{k: trans[k] for k in ("unknown", "max_attributes") if k in trans})
-    chain = ChainConfig(extract, translate, overrides=trans.get("overrides") or "",
-                        max_side=(params.get("ingest") or {}).get("max_side"))
+    elif PARAMS_FILE.is_file():
+        params = yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8")) or {}
     evals = ((params.get(args.command) or {}).get("eval") or {})
     decoding = Decoding(**{k: evals[k] for k in ("num_beams", "max_length", "length_penalty", "no_repeat_ngram_size")
                            if k in evals})
     if getattr(args, "num_beams", None):
-        decoding = Decoding(args.num_beams, decoding.max_length, decoding.length_penalty,
-                            decoding.no_repeat_ngram_size)
+        decoding = dataclasses.replace(decoding, num_beams=args.num_beams)
     return chain, decoding
 
 
@@ -240,6 +249,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmcn.data.demo import DemoConfig
+    from mmcn.data.ingest import IngestConfig
+    from mmcn.data.lmdb_build import LmdbConfig
+    from mmcn.text.translate import TranslateConfig
+    from mmcn.vision.extract import ExtractConfig
+
     parser = argparse.ArgumentParser(prog="mmcn", description="Chinese vision-language pipeline (see README).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
             "({train,valid,test}/images/** + {split}/captions.jsonl) or an existing Chinese-CLIP dataset "
             "folder (MUGE, Flickr30k-CN, COCO-CN), which is validated and indexed. Bad inputs are skipped and "
             "reported, never fatal unless --strict."))
+    d = _defaults(IngestConfig)
     p.add_argument("--src", type=Path, required=True, help="raw-layout folder or Chinese-CLIP dataset folder")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder; replaced as a whole once everything is written")
@@ -263,30 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "(boxes follow); 0 or unset keeps the original bytes untouched")
     p.add_argument("--strict", action="store_true",
                    help="exit non-zero (after writing outputs and report) if anything was skipped, listing it")
-    p.add_argument("--workers", type=int, default=2, help="decode/validation processes; 1 = in-process")
+    p.add_argument("--workers", type=int, default=d["workers"], help="decode/validation processes; 1 = in-process")
     p.add_argument("--full-decode", action="store_true",
                    help="fully decode every image to validate it (default: header + end-of-file marker, and a "
                         "full decode only for files without a complete end marker)")
-    p.add_argument("--max-pixels", type=int, default=89_478_485,
+    p.add_argument("--max-pixels", type=int, default=d["max_pixels"],
                    help="images with more pixels are skipped as decompression bombs")
-    p.add_argument("--unlisted", choices=("skip", "include"), default="skip",
+    p.add_argument("--unlisted", choices=("skip", "include"), default=d["unlisted"],
                    help="images under images/ that captions.jsonl does not name: skip (and report) or include "
                         "them without captions")
-    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality when re-encoding (--max-side)")
+    p.add_argument("--jpeg-quality", type=int, default=d["jpeg_quality"], help="JPEG quality when re-encoding (--max-side)")
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("demo", help="generate the synthetic demo dataset in the raw layout",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = _defaults(DemoConfig)
     p.add_argument("--out", type=Path, required=True, help="output folder (replaced)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", type=int, default=600, help="train images")
-    p.add_argument("--valid", type=int, default=100, help="valid images")
-    p.add_argument("--test", type=int, default=100, help="test images")
-    p.add_argument("--image-size", type=int, default=128, help="square image side in pixels")
-    p.add_argument("--min-objects", type=int, default=1, help="fewest shapes per image")
-    p.add_argument("--max-objects", type=int, default=4, help="most shapes per image")
-    p.add_argument("--captions-per-image", type=int, default=5, help="distinct Chinese captions per image")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--train", type=int, default=d["train"], help="train images")
+    p.add_argument("--valid", type=int, default=d["valid"], help="valid images")
+    p.add_argument("--test", type=int, default=d["test"], help="test images")
+    p.add_argument("--image-size", type=int, default=d["image_size"], help="square image side in pixels")
+    p.add_argument("--min-objects", type=int, default=d["min_objects"], help="fewest shapes per image")
+    p.add_argument("--max-objects", type=int, default=d["max_objects"], help="most shapes per image")
+    p.add_argument("--captions-per-image", type=int, default=d["captions_per_image"], help="distinct Chinese captions per image")
+    p.add_argument("--jpeg-quality", type=int, default=d["jpeg_quality"])
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
@@ -334,16 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Run a detector (a models/detector-style folder) over {split}_imgs.tsv and write "
                                    "Parquet shards of region features; resumes from finished shards.")
+    d = _defaults(ExtractConfig)
     p.add_argument("--detector", type=Path, required=True, help="detector folder (model.safetensors + config.json)")
     p.add_argument("--tsv", type=Path, required=True, help="folder with {split}_imgs.tsv (+ .lineidx)")
     p.add_argument("--out", type=Path, required=True, help="output folder of feature shards")
-    p.add_argument("--min-boxes", type=int, default=10, help="fewest boxes per image")
-    p.add_argument("--max-boxes", type=int, default=100, help="most boxes per image")
-    p.add_argument("--score-thresh", type=float, default=0.2, help="class score threshold")
-    p.add_argument("--nms-thresh", type=float, default=0.3, help="per-class NMS IoU threshold")
-    p.add_argument("--batch-size", type=int, default=8, help="images per detector forward")
-    p.add_argument("--shard-size", type=int, default=256, help="images per Parquet shard")
-    p.add_argument("--workers", type=int, default=1, help="detector actors")
+    p.add_argument("--min-boxes", type=int, default=d["min_boxes"], help="fewest boxes per image")
+    p.add_argument("--max-boxes", type=int, default=d["max_boxes"], help="most boxes per image")
+    p.add_argument("--score-thresh", type=float, default=d["score_thresh"], help="class score threshold")
+    p.add_argument("--nms-thresh", type=float, default=d["nms_thresh"], help="per-class NMS IoU threshold")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per detector forward")
+    p.add_argument("--shard-size", type=int, default=d["shard_size"], help="images per Parquet shard")
+    p.add_argument("--workers", type=int, default=d["workers"], help="detector actors")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--ray-address", default="", help="join this Ray cluster instead of starting a local one")
@@ -364,13 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
             "packaged en->zh table (BUTD VG 1600/400, VinVL 1594/524, COCO 80 and the demo's labels, each in its "
             "sense as a thing or property seen in a photo), overridden by --overrides. Writes OUT/{split}.jsonl "
             "(per image, in box order: objects, attributes, tags such as '红色 圆形')."))
+    d = _defaults(TranslateConfig)
     p.add_argument("--features", type=Path, required=True, help="feature shard folder (data/features)")
     p.add_argument("--out", type=Path, required=True, help="output folder for {split}.jsonl")
     p.add_argument("--overrides", type=Path, default=None,
                    help="TSV of 'english<TAB>chinese[<TAB>object|attribute]' lines that win over the table")
-    p.add_argument("--unknown", choices=("keep", "drop", "error"), default="keep",
+    p.add_argument("--unknown", choices=("keep", "drop", "error"), default=d["unknown"],
                    help="labels the table lacks: keep the English word, drop it from the tags, or fail listing them")
-    p.add_argument("--max-attributes", type=int, default=2,
+    p.add_argument("--max-attributes", type=int, default=d["max_attributes"],
                    help="attributes per box in its tag text, best first (0: object names only)")
     p.add_argument("--metrics", type=Path, default=None,
                    help="also write the summary (coverage %%, unknown labels with counts) to this JSON file")
@@ -385,14 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
             "checksums, feature dim). No pickle. Written under a temporary name and renamed when complete; the map "
             "grows as needed. Images without features or tags and pairs without a stored image are left out and "
             "listed in OUT/lmdb_report.json (--strict: an error)."))
+    d = _defaults(LmdbConfig)
     p.add_argument("--tsv", type=Path, required=True, help="Chinese-CLIP folder ({split}_imgs.tsv, _texts.jsonl)")
     p.add_argument("--out", type=Path, required=True, help="output folder (replaced when the build completes)")
     p.add_argument("--features", type=Path, default=None, help="feature shard folder; omit for images + texts only")
     p.add_argument("--tags", type=Path, default=None, help="translate output folder ({split}.jsonl); omit for no tags")
-    p.add_argument("--shards", type=int, default=1, help="LMDB environments per split, written in parallel")
-    p.add_argument("--workers", type=int, default=0, help="shards written at once (0: one per core)")
+    p.add_argument("--shards", type=int, default=d["shards"], help="LMDB environments per split, written in parallel")
+    p.add_argument("--workers", type=int, default=d["workers"], help="shards written at once (0: one per core)")
     p.add_argument("--strict", action="store_true", help="fail instead of leaving out inconsistent records")
-    p.add_argument("--map-size-mb", type=int, default=64, help="initial LMDB map size (doubles when full)")
+    p.add_argument("--map-size-mb", type=int, default=d["map_size_mb"], help="initial LMDB map size (doubles when full)")
     p.set_defaults(func=_cmd_build_lmdb)
 
     p = sub.add_parser(
@@ -402,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Run the whole chain on raw image files: decode, detector (region features), Chinese tags, caption "
             "model. Prints one line per image: path TAB caption TAB score (log-probability per token), or JSON "
             "lines with --json. Bad files are reported on stderr and skipped (exit 1; 2 when nothing was "
-            "captioned). Settings follow --params (ingest.max_side, features.*, translate.*, caption.eval) so "
-            "the chain matches the pipeline that trained the model."))
+            "captioned). The chain's settings are those the model folder records (the data it was trained and "
+            "evaluated on), so the chain matches the pipeline that trained the model; decoding follows "
+            "caption.eval of ./params.yaml when there is one."))
     p.add_argument("images", nargs="+", help="image files, directories (searched recursively) or glob patterns")
     p.add_argument("--model", type=Path, default=Path("models/caption"), help="caption model folder")
     p.add_argument("--json", action="store_true", help="one JSON object per line: image, caption, score, tags")
@@ -428,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("caption", "search"):
         p = sub.choices[name]
         p.add_argument("--detector", type=Path, default=Path("models/detector"), help="detector folder")
-        p.add_argument("--params", type=Path, default=PARAMS_FILE,
-                       help="the pipeline's params file to take the chain's settings from (ignored when missing)")
+        p.add_argument("--params", type=Path, default=None,
+                       help="take the chain's settings (ingest.max_side, features.*, translate.*) from this params "
+                            "file instead of those the model folder records")
         p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:1")
         p.add_argument("--batch-size", type=int, default=16, help="images per model forward")
     return parser

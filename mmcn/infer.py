@@ -10,12 +10,13 @@ image stored in the LMDB, as long as the settings match the pipeline's params.
 * :class:`Captioner`: ``Captioner.from_dir("models/caption")(["a.jpg"]) -> ["一个红色的圆形"]``;
   :meth:`Captioner.caption` returns per-image results and reports bad files instead of raising.
 * :class:`Searcher`: rank images (raw files or an LMDB split) for a Chinese query.
-* :class:`CaptionGenerator`, :class:`RetrievalEncoder`: a saved model + its tokenizer +
-  collator on items of :mod:`mmcn.data.datasets` (also used by the Ray evaluation actors).
+The models themselves run through :mod:`mmcn.models.inference` (also used by the
+evaluation stage and the training loop's validation).
 """
 from __future__ import annotations
 
 import glob
+import json
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,10 +29,9 @@ from mmcn.data.features import RegionFeatures
 from mmcn.data.image import ImageError, normalize
 from mmcn.data.raw import IMAGE_EXTENSIONS
 from mmcn.data.tags import ImageTags, tag_text
-from mmcn.models.factory import load_model
-from mmcn.models.inputs import CaptionCollator, RetrievalCollator
-from mmcn.text.tokenizer import detokenize, load_tokenizer
-from mmcn.text.translate import LabelTable, TranslateConfig, Translator
+from mmcn.models.inference import CaptionGenerator, Decoding, RetrievalEncoder, embed_images
+from mmcn.models.runtime import pick_device
+from mmcn.text.translate import Entry, LabelTable, TranslateConfig, Translator
 from mmcn.vision.extract import ExtractConfig, decode, detect_regions
 
 log = logging.getLogger(__name__)
@@ -39,109 +39,44 @@ log = logging.getLogger(__name__)
 ImageInput = Union[str, Path, bytes]
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto``: the first GPU when there is one, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def _load(model_dir: Path | str, task: str):
-    found, model = load_model(model_dir)
-    if found != task:
-        raise ValueError(f"{model_dir} holds a {found} model, not a {task} model")
-    return model, load_tokenizer(model_dir)
-
-
-# --------------------------------------------------------------------------- models on items
-
-@dataclass(frozen=True)
-class Decoding:
-    num_beams: int = 3           # 1: greedy
-    max_length: int = 30
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-
-    @classmethod
-    def of(cls, settings) -> "Decoding":
-        """The decoding fields of any object that has them (e.g. an ``EvalConfig``)."""
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
-
-
-class CaptionGenerator:
-    """A saved caption model: items (``features``, ``tags``) -> (captions, scores)."""
-
-    def __init__(self, model_dir: Path | str, decoding: Decoding = Decoding(), device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.model, self.tok = _load(model_dir, "caption")
-        self.model.to(self.device).eval()
-        self.collate = CaptionCollator(self.tok, self.model.config, train=False)
-        self.decoding = decoding
-
-    @torch.no_grad()
-    def __call__(self, items: list[dict]) -> tuple[list[str], list[float]]:
-        b, d, tok = self.collate(items), self.decoding, self.tok
-        with _autocast(self.device):
-            ids, scores = self.model.generate(
-                *(b[k].to(self.device) for k in ("tag_ids", "tag_mask", "img_feats", "img_mask")),
-                cls_id=tok.cls_token_id, sep_id=tok.sep_token_id, mask_id=tok.mask_token_id, pad_id=tok.pad_token_id,
-                num_beams=d.num_beams, max_length=d.max_length, length_penalty=d.length_penalty,
-                no_repeat_ngram_size=d.no_repeat_ngram_size)
-        return [detokenize(tok.decode(x)) for x in ids], [float(s) for s in scores]
-
-
-class RetrievalEncoder:
-    """A saved retrieval model: unit-length embeddings of texts and of images (items with
-    ``features`` and ``tags``), and the cross-encoder's match scores of (text, image) pairs."""
-
-    def __init__(self, model_dir: Path | str, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.model, self.tok = _load(model_dir, "retrieval")
-        self.model.to(self.device).eval()
-        self.collate = RetrievalCollator(self.tok, self.model.config)
-
-    def _inputs(self, items: list[dict], keys: tuple[str, ...]) -> list[torch.Tensor]:
-        b = self.collate(items)
-        return [b[k].to(self.device) for k in keys]
-
-    @torch.no_grad()
-    def texts(self, texts: Sequence[str]) -> np.ndarray:
-        with _autocast(self.device):
-            out = self.model.encode_text(*self._inputs([{"text": t, "text_id": 0} for t in texts],
-                                                       ("text_ids", "text_mask")))
-        return out.float().cpu().numpy()
-
-    @torch.no_grad()
-    def images(self, items: list[dict]) -> np.ndarray:
-        with _autocast(self.device):
-            out = self.model.encode_image(*self._inputs(items, ("image_tag_ids", "image_tag_mask", "img_feats",
-                                                                "img_mask")))
-        return out.float().cpu().numpy()
-
-    @torch.no_grad()
-    def match(self, items: list[dict]) -> np.ndarray:
-        """log P(match) of each item holding a ``text`` and an image (``features``, ``tags``)."""
-        with _autocast(self.device):
-            out = self.model.match_score(*self._inputs(items, ("text_ids", "text_mask", "tag_ids", "tag_mask",
-                                                               "img_feats", "img_mask")))
-        return out.float().cpu().numpy()
-
-
 # --------------------------------------------------------------------------- raw images -> items
 
 @dataclass(frozen=True)
 class ChainConfig:
-    """How raw images become model inputs; match these to the pipeline's ``ingest.max_side``,
-    ``features.*`` and ``translate.*`` params to get the pipeline's own results."""
+    """How raw images become model inputs: the pipeline's ``ingest.max_side``, ``features.*``
+    and ``translate.*`` settings. A model trained by mmcn records them (:meth:`of_model`),
+    and :meth:`Captioner.from_dir` / :meth:`Searcher.from_dir` use that record by default."""
 
     extract: ExtractConfig = ExtractConfig()
     translate: TranslateConfig = TranslateConfig()
     overrides: str = ""              # en->zh overrides file (translate.overrides)
     max_side: int | None = None      # ingest.max_side: re-encode larger images as the ingest stage does
+    override_rows: tuple[Entry, ...] = ()   # en->zh override rows (as recorded in a model folder)
+
+    @classmethod
+    def from_record(cls, chain: dict) -> "ChainConfig":
+        """The chain a dataset was made with (:mod:`mmcn.data.chain`: ingest, features, translate sections)."""
+        def known(config_class, section: dict) -> dict:
+            names = {f.name for f in fields(config_class)}
+            return {k: v for k, v in section.items() if k in names}
+
+        trans = dict(chain.get("translate") or {})
+        rows = tuple(Entry(**row) for row in trans.pop("overrides", []))
+        return cls(ExtractConfig(**known(ExtractConfig, chain.get("features") or {})),
+                   TranslateConfig(**known(TranslateConfig, trans)), "",
+                   (chain.get("ingest") or {}).get("max_side"), rows)
+
+    @classmethod
+    def of_model(cls, model_dir: Path | str) -> "ChainConfig":
+        """The chain recorded in a model folder's ``mmcn.json`` (the settings of the data it was
+        trained and evaluated on); the library defaults, with a warning, when it records none."""
+        meta = Path(model_dir) / "mmcn.json"
+        chain = json.loads(meta.read_text(encoding="utf-8")).get("chain") if meta.is_file() else None
+        if not chain:
+            log.warning("%s records no chain settings (a model from elsewhere or an older mmcn): the library's "
+                        "defaults apply; pass chain=ChainConfig(...) (CLI: --params) to match its data", model_dir)
+            return cls()
+        return cls.from_record(chain)
 
 
 @dataclass
@@ -194,7 +129,8 @@ class RegionChain:
 
         self.cfg, self.device = cfg, torch.device(device)
         self.detector = load_detector(detector_dir).to(self.device).eval()
-        self.translator = Translator(LabelTable.load(Path(cfg.overrides) if cfg.overrides else None), cfg.translate)
+        table = LabelTable.load(Path(cfg.overrides) if cfg.overrides else None, cfg.override_rows)
+        self.translator = Translator(table, cfg.translate)
 
     def _tensor(self, image: ImageInput):
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
@@ -250,10 +186,13 @@ class Captioner:
 
     @classmethod
     def from_dir(cls, model_dir: Path | str = "models/caption", detector_dir: Path | str = "models/detector",
-                 chain: ChainConfig = ChainConfig(), decoding: Decoding = Decoding(), device: str = "auto",
+                 chain: ChainConfig | None = None, decoding: Decoding = Decoding(), device: str = "auto",
                  batch_size: int = 16) -> "Captioner":
+        """``chain`` None: the chain recorded in the model folder (:meth:`ChainConfig.of_model`)."""
         dev = pick_device(device)
-        return cls(RegionChain(detector_dir, chain, dev), CaptionGenerator(model_dir, decoding, dev), batch_size)
+        chain = chain if chain is not None else ChainConfig.of_model(model_dir)
+        return cls(RegionChain(detector_dir, chain, dev), CaptionGenerator.from_dir(model_dir, decoding, dev),
+                   batch_size)
 
     def caption(self, images: Sequence[ImageInput]) -> list[Caption]:
         """One :class:`Caption` per input, in order; bad images have ``error`` set."""
@@ -296,16 +235,20 @@ class Searcher:
     """
 
     def __init__(self, encoder: RetrievalEncoder, detector_dir: Path | str | None = None,
-                 chain: ChainConfig = ChainConfig(), batch_size: int = 64):
+                 chain: ChainConfig | None = None, batch_size: int = 64):
+        chain = chain if chain is not None else ChainConfig()
         self.encoder, self.detector_dir, self.chain_cfg, self.batch_size = encoder, detector_dir, chain, batch_size
         self._chain: RegionChain | None = None
         self.names: list[str] = []
-        self.embeddings = np.zeros((0, encoder.model.config.embed_dim), np.float32)
+        self.embeddings = np.zeros((0, encoder.dim), np.float32)
 
     @classmethod
     def from_dir(cls, model_dir: Path | str = "models/retrieval", detector_dir: Path | str | None = "models/detector",
-                 chain: ChainConfig = ChainConfig(), device: str = "auto", batch_size: int = 64) -> "Searcher":
-        return cls(RetrievalEncoder(model_dir, pick_device(device)), detector_dir, chain, batch_size)
+                 chain: ChainConfig | None = None, device: str = "auto", batch_size: int = 64) -> "Searcher":
+        """``chain`` None: the chain recorded in the model folder (:meth:`ChainConfig.of_model`)."""
+        if chain is None and detector_dir is not None:
+            chain = ChainConfig.of_model(model_dir)
+        return cls(RetrievalEncoder.from_dir(model_dir, pick_device(device)), detector_dir, chain, batch_size)
 
     def _add(self, names: list[str], items: list[dict]) -> None:
         if items:
@@ -331,10 +274,9 @@ class Searcher:
         from mmcn.data.datasets import RetrievalDataset
 
         data = RetrievalDataset(path)
-        for first in range(0, len(data.store), self.batch_size):
-            items = [data.image(i) for i in range(first, min(first + self.batch_size, len(data.store)))]
-            self._add([str(it["image_id"]) for it in items], items)
-        return len(data.store)
+        self.names += [str(i) for i in data.store.image_ids]
+        self.embeddings = np.concatenate([self.embeddings, embed_images(self.encoder, data, self.batch_size)])
+        return data.num_images
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
         """The ``k`` best images for ``query``, best first (ties: the earlier indexed first)."""
@@ -343,3 +285,4 @@ class Searcher:
         scores = self.embeddings @ self.encoder.texts([query])[0]
         order = np.argsort(-scores, kind="stable")[:k]
         return [Hit(r + 1, self.names[i], float(scores[i])) for r, i in enumerate(order)]
+

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from common import execution_params, stage_params, start
 
-from mmcn.data.lmdb_store import LmdbBuildError, LmdbConfig, build_lmdb
+from mmcn.data.lmdb_build import LmdbBuildError, LmdbConfig, build_lmdb
 
 if __name__ == "__main__":
     log = start("lmdb")

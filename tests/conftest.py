@@ -67,7 +67,7 @@ def chain_project(tmp_path_factory, ray_session):
 
     from mmcn.data.demo import DemoConfig, generate
     from mmcn.data.ingest import IngestConfig, ingest
-    from mmcn.data.lmdb_store import build_lmdb
+    from mmcn.data.lmdb_build import build_lmdb
     from mmcn.eval.evaluate import EvalConfig, evaluate_captions, evaluate_retrieval
     from mmcn.text.translate import LabelTable, TranslateConfig, translate_features
     from mmcn.train.loop import ModelSpec, TrainConfig, train

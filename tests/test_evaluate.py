@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from mmcn.data.lmdb_store import LmdbStore
@@ -70,3 +71,16 @@ def test_re_ranking_needs_a_trained_matcher(trained, tmp_path):
     (model / "config.json").write_text(json.dumps({**config, "match_weight": 0.0}))
     with pytest.raises(ValueError, match="without its cross-encoder matcher"):
         evaluate_retrieval(model, trained / "lmdb", tmp_path / "out", EvalConfig(rerank_k=3))
+
+
+def test_reranked_candidates_are_placed_by_rank_however_unlikely_their_match():
+    """log P(match) of -20 and -12 still put both candidates above every other image, in match order."""
+    from mmcn.eval.evaluate import _place_by_rank
+
+    scores = np.array([[0.9, 0.5, 0.1, -0.2]])
+    match = {0: -20.0, 1: -12.0}
+    out = _place_by_rank(scores, np.array([[0, 1]]), lambda q, c: match[c])
+    assert np.argsort(-out[0], kind="stable").tolist() == [1, 0, 2, 3]
+    assert np.array_equal(out[0, 2:], scores[0, 2:])  # the others keep their cosines
+    tied = _place_by_rank(scores, np.array([[0, 1]]), lambda q, c: -5.0)
+    assert np.argsort(-tied[0], kind="stable").tolist() == [0, 1, 2, 3]  # ties: the dual encoder's order

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mmcn import provenance
-from mmcn.data import features as F
+from mmcn.data import features as region_features
 from mmcn.data import tsv
 from mmcn.vision.config import detector_config
 from mmcn.vision.detector import build_detector, save_detector
@@ -55,9 +55,9 @@ def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, 
     assert {(s["image_id"], s["reason"].split(":")[0]) for s in report["skipped"]} == {(13, "corrupt"),
                                                                                       (14, "too_small")}
     assert report["splits"]["train"]["images"] == 3 and report["splits"]["test"]["images"] == 1
-    assert [p.name for p in F.shard_paths(out, "train")] == ["part-00000.parquet", "part-00001.parquet",
+    assert [p.name for p in region_features.shard_paths(out, "train")] == ["part-00000.parquet", "part-00001.parquet",
                                                              "part-00002.parquet"]
-    records = list(F.iter_split(out, "train"))
+    records = list(region_features.iter_split(out, "train"))
     assert [r.image_id for r in records] == [11, 12, 15]  # TSV order, bad rows left out
     for r in records:
         assert 3 <= r.num_boxes <= 5 and r.features.shape == (r.num_boxes, 2054)
@@ -68,12 +68,12 @@ def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, 
         assert len(r.attributes) == r.num_boxes and all(c in detector_config("small").classes for c in r.classes)
 
     # resume: a lost shard is redone, the rest is kept, bytes end up identical
-    before = {p.name: p.read_bytes() for p in F.shard_paths(out, "train")}
-    kept_mtime = F.shard_path(out, "train", 0).stat().st_mtime_ns
-    F.shard_path(out, "train", 1).unlink()
+    before = {p.name: p.read_bytes() for p in region_features.shard_paths(out, "train")}
+    kept_mtime = region_features.shard_path(out, "train", 0).stat().st_mtime_ns
+    region_features.shard_path(out, "train", 1).unlink()
     again = extract_features(detector_dir, tsv_dir, out, cfg)
-    assert {p.name: p.read_bytes() for p in F.shard_paths(out, "train")} == before
-    assert F.shard_path(out, "train", 0).stat().st_mtime_ns == kept_mtime
+    assert {p.name: p.read_bytes() for p in region_features.shard_paths(out, "train")} == before
+    assert region_features.shard_path(out, "train", 0).stat().st_mtime_ns == kept_mtime
     assert again["splits"] == report["splits"]
 
     # the code that extracts changed (an extra file in the walker's result stands for an edit of
@@ -85,12 +85,12 @@ def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, 
     (out / "stale").touch()
     redone = extract_features(detector_dir, tsv_dir, out, cfg)
     assert not (out / "stale").exists() and redone["splits"] == report["splits"]
-    assert F.shard_path(out, "train", 0).stat().st_mtime_ns != kept_mtime
-    assert {p.name: p.read_bytes() for p in F.shard_paths(out, "train")} == before
+    assert region_features.shard_path(out, "train", 0).stat().st_mtime_ns != kept_mtime
+    assert {p.name: p.read_bytes() for p in region_features.shard_paths(out, "train")} == before
     assert edit.as_posix() in json.loads((out / "_fingerprint.json").read_text())["code"]
 
     # other settings: the old shards are not reused
     changed = extract_features(detector_dir, tsv_dir, out, ExtractConfig(min_boxes=2, max_boxes=2, shard_size=2))
-    assert all(r.num_boxes == 2 for r in F.iter_split(out, "train"))
+    assert all(r.num_boxes == 2 for r in region_features.iter_split(out, "train"))
     assert json.loads((out / "_fingerprint.json").read_text())["settings"]["max_boxes"] == 2
     assert changed["splits"]["train"]["boxes"] == 6

@@ -7,25 +7,25 @@ import json
 import numpy as np
 import pytest
 
-from mmcn.data import features as F
+from mmcn.data import features as region_features
 from mmcn.data import tsv
 
 
-def record(image_id: int, n: int, rng: np.random.Generator) -> F.RegionFeatures:
+def record(image_id: int, n: int, rng: np.random.Generator) -> region_features.RegionFeatures:
     w, h = 640, 480
     xy = rng.uniform(0, 300, (n, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(10, 150, (n, 2))], axis=1).astype(np.float32)
-    pooled = rng.standard_normal((n, F.POOLED_DIM)).astype(np.float32)
-    return F.RegionFeatures(image_id, w, h, boxes, [f"class{i}" for i in range(n)],
+    pooled = rng.standard_normal((n, region_features.POOLED_DIM)).astype(np.float32)
+    return region_features.RegionFeatures(image_id, w, h, boxes, [f"class{i}" for i in range(n)],
                             np.sort(rng.uniform(0.2, 1, n)).astype(np.float32)[::-1].copy(),
-                            F.region_features(pooled, boxes, w, h),
+                            region_features.region_features(pooled, boxes, w, h),
                             [["红", "large"] if i % 2 else [] for i in range(n)],
                             [[0.9, 0.5] if i % 2 else [] for i in range(n)])
 
 
 def test_region_features_geometry():
-    pooled = np.ones((1, F.POOLED_DIM), np.float32)
-    feats = F.region_features(pooled, np.array([[10, 20, 110, 70]]), 200, 100)
+    pooled = np.ones((1, region_features.POOLED_DIM), np.float32)
+    feats = region_features.region_features(pooled, np.array([[10, 20, 110, 70]]), 200, 100)
     assert feats.shape == (1, 2054) and feats.dtype == np.float32
     np.testing.assert_allclose(feats[0, 2048:], [0.05, 0.2, 0.55, 0.7, 0.5, 0.5])
 
@@ -33,18 +33,18 @@ def test_region_features_geometry():
 def test_shards_round_trip_and_random_access(tmp_path):
     rng = np.random.default_rng(0)
     records = [record(100 + i, n, rng) for i, n in enumerate([10, 37, 100])]
-    F.write_shard(F.shard_path(tmp_path, "train", 0), records[:2])
-    F.write_shard(F.shard_path(tmp_path, "train", 1), records[2:])
-    assert [p.name for p in F.shard_paths(tmp_path, "train")] == ["part-00000.parquet", "part-00001.parquet"]
-    back = list(F.iter_split(tmp_path, "train"))
+    region_features.write_shard(region_features.shard_path(tmp_path, "train", 0), records[:2])
+    region_features.write_shard(region_features.shard_path(tmp_path, "train", 1), records[2:])
+    assert [p.name for p in region_features.shard_paths(tmp_path, "train")] == ["part-00000.parquet", "part-00001.parquet"]
+    back = list(region_features.iter_split(tmp_path, "train"))
     assert [r.image_id for r in back] == [100, 101, 102]
     for start in range(4):  # from a row on: whole shards before it skipped
-        assert [r.image_id for r in F.iter_split(tmp_path, "train", start=start)] == [100, 101, 102][start:]
+        assert [r.image_id for r in region_features.iter_split(tmp_path, "train", start=start)] == [100, 101, 102][start:]
     for a, b in zip(records, back):
         np.testing.assert_array_equal(a.features, b.features)
         np.testing.assert_array_equal(a.boxes, b.boxes)
         assert a.classes == b.classes and a.attributes == b.attributes
-    store = F.FeatureStore(tmp_path, "train")
+    store = region_features.FeatureStore(tmp_path, "train")
     assert len(store) == 3 and 101 in store
     np.testing.assert_array_equal(store[102].features, records[2].features)
     with pytest.raises(KeyError, match="no features"):
@@ -55,15 +55,15 @@ def test_mismatched_record_is_refused(tmp_path):
     bad = record(1, 10, np.random.default_rng(1))
     bad.classes = bad.classes[:-1]
     with pytest.raises(ValueError, match="image 1"):
-        F.write_shard(F.shard_path(tmp_path, "test", 0), [bad])
+        region_features.write_shard(region_features.shard_path(tmp_path, "test", 0), [bad])
     assert not list((tmp_path / "test").glob("*"))
 
 
 def test_oscar_export_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     records = [record(7, 12, rng), record(3, 10, rng)]
-    F.write_shard(F.shard_path(tmp_path / "feat", "valid", 0), records)
-    assert F.export_oscar(tmp_path / "feat", tmp_path / "oscar") == {"valid": 2}
+    region_features.write_shard(region_features.shard_path(tmp_path / "feat", "valid", 0), records)
+    assert region_features.export_oscar(tmp_path / "feat", tmp_path / "oscar") == {"valid": 2}
     feat_tsv = tmp_path / "oscar" / "valid.feature.tsv"
     label_tsv = tmp_path / "oscar" / "valid.label.tsv"
     lines = feat_tsv.read_bytes().splitlines(keepends=True)

@@ -3,9 +3,11 @@ results; the CLI's lines, JSON, globs, directories and bad files; image search."
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 import mmcn
 from mmcn.cli import main
@@ -121,3 +123,26 @@ def test_search_ranks_raw_files_as_the_stored_features(chain_project, tmp_path, 
 
 def test_the_api_is_importable_from_the_package():
     assert mmcn.Captioner is Captioner and mmcn.Searcher is Searcher
+
+
+def test_a_model_folder_carries_its_chain_settings_anywhere(chain_project, tmp_path, monkeypatch, capsys):
+    """The settings of ingest (max_side 48), features (3-6 boxes) and translate (2 attributes,
+    the override rows) travel through the data into mmcn.json: a copy of the model folder,
+    used from a folder without the pipeline's params, gives the evaluation stage's captions."""
+    record = json.loads((chain_project / "models/caption/mmcn.json").read_text(encoding="utf-8"))["chain"]
+    assert record["ingest"]["max_side"] == 48
+    assert (record["features"]["min_boxes"], record["features"]["max_boxes"]) == (3, 6)
+    assert record["translate"]["max_attributes"] == 2 and record["translate"]["overrides"]  # the rows, not a path
+    copied = tmp_path / "elsewhere/caption"
+    shutil.copytree(chain_project / "models/caption", copied)
+    images = raw_test_images(chain_project)
+    paths = sorted(images)[:4]
+    expected = {p.image_id: p.caption for p in read_caption_predictions(chain_project / "reports/caption/predictions.jsonl")}
+    captioner = Captioner.from_dir(copied, chain_project / "models/detector", decoding=DECODING, device="cpu")
+    assert [r.caption for r in captioner.caption(paths)] == [expected[images[p]] for p in paths]
+
+    monkeypatch.chdir(tmp_path)  # decoding from ./params.yaml, the chain from the model folder alone
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"caption": {"eval": {"num_beams": 2, "max_length": 8}}}))
+    assert main(["caption", *map(str, paths), "--model", str(copied), "--detector",
+                 str(chain_project / "models/detector"), "--device", "cpu"]) == 0
+    assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == [expected[images[p]] for p in paths]

@@ -16,10 +16,11 @@ import xxhash
 from PIL import Image
 
 from mmcn.cli import main as cli_main
-from mmcn.data import features as F
+from mmcn.data import features as region_features
 from mmcn.data import tsv
 from mmcn.data.datasets import CaptionDataset, RetrievalDataset
-from mmcn.data.lmdb_store import REPORT, LmdbBuildError, LmdbConfig, LmdbStore, build_lmdb
+from mmcn.data.lmdb_build import REPORT, LmdbBuildError, LmdbConfig, build_lmdb
+from mmcn.data.lmdb_store import LmdbStore
 from mmcn.data.tags import ImageTags, tags_path, write_tags
 
 
@@ -47,12 +48,12 @@ def make_dataset(root: Path, n_images: int = 7, split: str = "test", boxes=(3, 5
         n = boxes[k % len(boxes)]
         xy = rng.uniform(0, 10, (n, 2))
         b = np.concatenate([xy, xy + 5], axis=1).astype(np.float32)
-        records.append(F.RegionFeatures(i, 30, 24, b, ["circle"] * n, rng.uniform(0.2, 1, n).astype(np.float32),
-                                        F.region_features(rng.standard_normal((n, 2048)).astype(np.float32), b, 30, 24),
+        records.append(region_features.RegionFeatures(i, 30, 24, b, ["circle"] * n, rng.uniform(0.2, 1, n).astype(np.float32),
+                                        region_features.region_features(rng.standard_normal((n, 2048)).astype(np.float32), b, 30, 24),
                                         [["red"]] * n, [[0.9]] * n))
         tags.append(ImageTags(i, ["圆形"] * n, [["红色"]] * n, ["红色 圆形"] * n))
-    F.write_shard(F.shard_path(feat_dir, split, 0), records[:4])
-    F.write_shard(F.shard_path(feat_dir, split, 1), records[4:])
+    region_features.write_shard(region_features.shard_path(feat_dir, split, 0), records[:4])
+    region_features.write_shard(region_features.shard_path(feat_dir, split, 1), records[4:])
     write_tags(tags_path(tags_dir, split), tags)
     return {"tsv": tsv_dir, "features": feat_dir, "tags": tags_dir, "ids": ids, "images": images,
             "texts": texts, "records": records}
@@ -125,7 +126,7 @@ def test_killed_build_leaves_the_previous_store(data, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from mmcn.data import lmdb_store as L
+        from mmcn.data import lmdb_build as L
         flush = L._EnvWriter.flush
         def dying_flush(self, main=None):
             flush(self, main)
@@ -149,7 +150,7 @@ def test_referential_checks(data, tmp_path):
     texts = data["texts"] + [tsv.Text(999, "不存在的图片", [42])]
     tsv.write_texts(tsv.texts_path(data["tsv"], "test"), texts)
     first = data["records"][:4]
-    F.write_shard(F.shard_path(data["features"], "test", 0), first[:3])  # image ids[3] loses its features
+    region_features.write_shard(region_features.shard_path(data["features"], "test", 0), first[:3])  # image ids[3] loses its features
     report = build(data, tmp_path / "lmdb")
     reasons = {(s["reason"], s.get("image_id"), s.get("text_id")) for s in report["skipped"]}
     assert ("no_features", data["ids"][3], None) in reasons

@@ -8,7 +8,7 @@ import torch
 from mmcn.models.caption import seq2seq_mask
 from mmcn.models.factory import build_model, load_model
 from mmcn.models.inputs import CaptionCollator, RetrievalCollator
-from mmcn.text.tokenizer import build_tokenizer, load_tokenizer
+from mmcn.models.tokenizer import build_tokenizer, load_tokenizer
 
 LAYOUT = {"max_text_len": 16, "max_tag_len": 8, "max_regions": 4}
 CAPTIONS = ["红色的圆形在左边", "蓝色三角形", "上方有黄色星形和绿色十字形"]

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from mmcn.data.datasets import CaptionDataset
-from mmcn.data.lmdb_store import LmdbStore, build_lmdb
+from mmcn.data.lmdb_build import build_lmdb
+from mmcn.data.lmdb_store import LmdbStore
 from mmcn.models.factory import load_model
 from mmcn.models.inputs import CaptionCollator
-from mmcn.text.tokenizer import load_tokenizer
+from mmcn.models.tokenizer import load_tokenizer
 from mmcn.train.loop import ModelSpec, TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))

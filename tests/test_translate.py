@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from mmcn.data import features as F
+from mmcn.data import features as region_features
 from mmcn.data.demo import CLASSES, COLOURS, SIZES
 from mmcn.data.tags import read_tags, tag_text, tags_path
 from mmcn.text.translate import LabelTable, TranslateConfig, UnknownLabelError, translate_features
@@ -84,10 +84,10 @@ def features(root, rows):
     for image_id, (classes, attrs) in rows.items():
         n = len(classes)
         boxes = np.tile(np.array([[1, 1, 9, 9]], np.float32), (n, 1))
-        records.append(F.RegionFeatures(image_id, 10, 10, boxes, classes, np.linspace(0.9, 0.5, n, dtype=np.float32),
-                                        F.region_features(np.zeros((n, 2048), np.float32), boxes, 10, 10),
+        records.append(region_features.RegionFeatures(image_id, 10, 10, boxes, classes, np.linspace(0.9, 0.5, n, dtype=np.float32),
+                                        region_features.region_features(np.zeros((n, 2048), np.float32), boxes, 10, 10),
                                         attrs, [[0.9] * len(a) for a in attrs]))
-    F.write_shard(F.shard_path(root, "train", 0), records)
+    region_features.write_shard(region_features.shard_path(root, "train", 0), records)
 
 
 ROWS = {7: (["circle", "blorp", "dog"], [["red", "large"], ["shiny"], []]),

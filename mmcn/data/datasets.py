@@ -78,6 +78,14 @@ class RetrievalDataset(Dataset):
         item.update(text_id=int(self.store.text_ids[text_pos]), text=self.store.text_str(text_pos))
         return item
 
+    @property
+    def num_texts(self) -> int:
+        return self.store.num_texts
+
+    @property
+    def num_images(self) -> int:
+        return len(self.store)
+
     def image(self, index: int) -> dict:
         return _image_item(self.store, index)
 

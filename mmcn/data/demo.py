@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from mmcn.data.raw import SPLITS, RawObject, RawRecord, write_split
+from mmcn.data.raw import RawObject, RawRecord, write_split
+from mmcn.data.splits import SPLITS
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import pybase64
 
 from mmcn.data import tsv
+from mmcn.data.splits import ordered
 
 POOLED_DIM = 2048
 FEATURE_DIM = POOLED_DIM + 6
@@ -103,9 +104,7 @@ def shard_paths(root: Path, split: str) -> list[Path]:
 
 
 def splits_in(root: Path) -> list[str]:
-    order = {"train": 0, "valid": 1, "test": 2}
-    found = [p.name for p in Path(root).iterdir() if p.is_dir() and any(p.glob("part-*.parquet"))]
-    return sorted(found, key=lambda s: (order.get(s, 3), s))
+    return ordered(p.name for p in Path(root).iterdir() if p.is_dir() and any(p.glob("part-*.parquet")))
 
 
 def write_shard(path: Path, records: list[RegionFeatures]) -> None:

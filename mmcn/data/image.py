@@ -135,3 +135,23 @@ def normalize(data: bytes, boxes: list[list[float]], *, max_side: int, quality: 
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=quality)
     return buf.getvalue(), ImageInfo(nw, nh, "JPEG", "RGB"), boxes
+
+
+def decode_rgb(data: bytes, max_pixels: int | None = None, min_side: int = 0):
+    """Image bytes -> uint8 RGB torch tensor (3, H, W), as the detector reads it: no EXIF
+    rotation (boxes follow the file). Raises ``ValueError("reason: detail")`` with reason
+    ``too_many_pixels``, ``too_small`` or ``corrupt``."""
+    import torch
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if max_pixels and img.width * img.height > max_pixels:
+                raise ValueError(f"too_many_pixels: {img.width}x{img.height}")
+            if min(img.size) < min_side:
+                raise ValueError(f"too_small: {img.width}x{img.height}")
+            arr = np.asarray(img.convert("RGB"))
+    except ValueError:
+        raise
+    except Exception as e:  # PIL's assorted decode errors
+        raise ValueError(f"corrupt: {type(e).__name__}: {e}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)

@@ -36,7 +36,8 @@ from tqdm import tqdm
 from mmcn.data import image as imagelib
 from mmcn.data import raw, tsv
 from mmcn.data.manifest import ManifestEntry, manifest_path, write_manifest
-from mmcn.data.report import IngestReport, Skip
+from mmcn.data.chain import write_chain
+from mmcn.data.ingest_report import IngestReport, Skip
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +424,8 @@ def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> Inges
         runner.close()
         shutil.rmtree(tmp / ".shards")
         report.write(tmp / REPORT_FILE)
+        write_chain(tmp, {}, "ingest", {"max_side": config.max_side or None, "jpeg_quality": config.jpeg_quality,
+                                        "max_pixels": config.max_pixels})
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

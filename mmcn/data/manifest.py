@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmcn.data.jsonl import read_jsonl
 from mmcn.data.raw import RawObject
 
 
@@ -42,17 +43,10 @@ def write_manifest(path: Path, entries: list[ManifestEntry]) -> None:
 
 
 def read_manifest(path: Path) -> list[ManifestEntry]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                objects = [RawObject(tuple(o["box"]), o["label"], tuple(o.get("attributes", [])))
-                           for o in obj.get("objects", [])]
-                out.append(ManifestEntry(int(obj["image_id"]), obj["source"], obj["sha256"], int(obj["width"]),
-                                         int(obj["height"]), obj["format"], obj["mode"], objects))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{line_no}: bad manifest line ({e}); rerun `mmcn ingest`") from None
-    return out
+    return list(read_jsonl(path, _parse_entry, "bad manifest line", "rerun `mmcn ingest`"))
+
+
+def _parse_entry(obj: dict) -> ManifestEntry:
+    objects = [RawObject(tuple(o["box"]), o["label"], tuple(o.get("attributes", []))) for o in obj.get("objects", [])]
+    return ManifestEntry(int(obj["image_id"]), obj["source"], obj["sha256"], int(obj["width"]), int(obj["height"]),
+                         obj["format"], obj["mode"], objects)

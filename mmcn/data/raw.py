@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from mmcn.data.report import Skip
+from mmcn.data.ingest_report import Skip
+from mmcn.data.splits import SPLITS
 
-SPLITS = ("train", "valid", "test")
 CAPTIONS_FILE = "captions.jsonl"
 IMAGES_DIR = "images"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mmcn.data.jsonl import read_jsonl
+from mmcn.data.splits import ordered
+
 
 @dataclass
 class ImageTags:
@@ -41,8 +44,7 @@ def tags_path(root: Path, split: str) -> Path:
 
 
 def splits_in(root: Path) -> list[str]:
-    order = {"train": 0, "valid": 1, "test": 2}
-    return sorted((p.stem for p in Path(root).glob("*.jsonl")), key=lambda s: (order.get(s, 3), s))
+    return ordered(p.stem for p in Path(root).glob("*.jsonl"))
 
 
 def write_tags(path: Path, records: Iterable[ImageTags]) -> int:
@@ -61,18 +63,13 @@ def write_tags(path: Path, records: Iterable[ImageTags]) -> int:
 
 def read_tags(path: Path) -> Iterator[ImageTags]:
     """Every image's tags in ``path``; a malformed line is an error naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                record = ImageTags(int(obj["image_id"]), list(obj["objects"]), [list(a) for a in obj["attributes"]],
-                                   list(obj["tags"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{line_no}: bad tags line ({e}); rerun the translate stage") from None
-            if not len(record.objects) == len(record.attributes) == len(record.tags):
-                raise ValueError(f"{path}:{line_no}: image {record.image_id} has {len(record.objects)} objects, "
-                                 f"{len(record.attributes)} attribute lists and {len(record.tags)} tags; "
-                                 "rerun the translate stage")
-            yield record
+    return read_jsonl(path, _parse_tags, "bad tags line", "rerun the translate stage")
+
+
+def _parse_tags(obj: dict) -> ImageTags:
+    record = ImageTags(int(obj["image_id"]), list(obj["objects"]), [list(a) for a in obj["attributes"]],
+                       list(obj["tags"]))
+    if not len(record.objects) == len(record.attributes) == len(record.tags):
+        raise ValueError(f"image {record.image_id} has {len(record.objects)} objects, {len(record.attributes)} "
+                         f"attribute lists and {len(record.tags)} tags")
+    return record

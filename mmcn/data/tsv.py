@@ -18,6 +18,9 @@ from typing import Iterator
 import numpy as np
 import pybase64
 
+from mmcn.data.jsonl import read_jsonl
+from mmcn.data.splits import ordered
+
 
 def imgs_path(root: Path, split: str) -> Path:
     return root / f"{split}_imgs.tsv"
@@ -33,9 +36,7 @@ def lineidx_path(tsv: Path) -> Path:
 
 def splits_in(root: Path) -> list[str]:
     """Splits that have an ``{split}_imgs.tsv`` in ``root`` (known splits first, then others)."""
-    found = sorted(p.name[: -len("_imgs.tsv")] for p in root.glob("*_imgs.tsv"))
-    order = {"train": 0, "valid": 1, "test": 2}
-    return sorted(found, key=lambda s: (order.get(s, 3), s))
+    return ordered(p.name[: -len("_imgs.tsv")] for p in root.glob("*_imgs.tsv"))
 
 
 def is_chinese_clip_layout(root: Path) -> bool:
@@ -242,15 +243,6 @@ def write_texts(path: Path, texts: list[Text]) -> None:
 
 def read_texts(path: Path) -> list[Text]:
     """Read a texts file written by mmcn (already validated); raises on malformed lines."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                out.append(Text(int(obj["text_id"]), str(obj["text"]), [int(i) for i in obj.get("image_ids", [])]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{line_no}: not a Chinese-CLIP text record ({e}); "
-                                 "run `mmcn ingest` on the dataset to validate it") from None
-    return out
+    return list(read_jsonl(path, lambda obj: Text(int(obj["text_id"]), str(obj["text"]),
+                                                  [int(i) for i in obj.get("image_ids", [])]),
+                           "not a Chinese-CLIP text record", "run `mmcn ingest` on the dataset to validate it"))

@@ -45,20 +45,21 @@ class EvalConfig:
 
 
 class ModelActor:
-    """A Ray Data actor holding one model (:mod:`mmcn.infer`'s wrappers) and the store; ``mode`` picks the job."""
+    """A Ray Data actor holding one model (:mod:`mmcn.models.inference`) and the store; ``mode`` picks the job."""
 
     def __init__(self, model_dir: str, store_path: str, cfg: dict, mode: str):
         from mmcn.data.datasets import CaptionDataset, RetrievalDataset
-        from mmcn.infer import CaptionGenerator, Decoding, RetrievalEncoder, pick_device
+        from mmcn.models.inference import CaptionGenerator, Decoding, RetrievalEncoder
+        from mmcn.models.runtime import pick_device
 
         self.cfg, self.mode = EvalConfig(**cfg), mode
         device = pick_device("auto" if self.cfg.use_gpu else "cpu")
         if mode == "caption":
             self.data = CaptionDataset(store_path, per_image=True)
-            self.generator = CaptionGenerator(model_dir, Decoding.of(self.cfg), device)
+            self.generator = CaptionGenerator.from_dir(model_dir, Decoding.of(self.cfg), device)
         else:
             self.data = RetrievalDataset(store_path)
-            self.encoder = RetrievalEncoder(model_dir, device)
+            self.encoder = RetrievalEncoder.from_dir(model_dir, device)
 
     def __call__(self, batch: dict) -> dict:
         return getattr(self, self.mode)(batch)
@@ -71,7 +72,7 @@ class ModelActor:
     def embed(self, batch: dict) -> dict:
         """Dual-encoder embeddings of texts (``index`` < 0: text ``-index - 1``) and images."""
         index = np.asarray(batch["index"])
-        out = np.zeros((len(index), self.encoder.model.config.embed_dim), np.float32)
+        out = np.zeros((len(index), self.encoder.dim), np.float32)
         texts, images = np.flatnonzero(index < 0), np.flatnonzero(index >= 0)
         if len(texts):
             out[texts] = self.encoder.texts([self.data.text(int(-index[k] - 1))["text"] for k in texts])
@@ -169,11 +170,7 @@ def evaluate_retrieval(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: Eval
     text_emb = np.stack([r["embedding"] for r in rows[:n_texts]])[::-1]
     image_emb = np.stack([r["embedding"] for r in rows[n_texts:]])
     scores = text_emb @ image_emb.T                      # (texts, images) cosine similarities
-    text_gold: list[list[int]] = [[] for _ in range(n_texts)]
-    image_gold: list[list[int]] = [[] for _ in range(n_images)]
-    for t, i in store.pair_positions.tolist():
-        text_gold[t].append(i)
-        image_gold[i].append(t)
+    text_gold, image_gold = store.gold_positions()
     queries = [i for i in range(n_images) if image_gold[i]]
     results = {"dual": _recalls(scores, scores.T, text_gold, image_gold, queries)}
     t2i_scores, i2t_scores = scores, scores.T
@@ -220,13 +217,18 @@ def _rerank(model_dir: Path, store_path: Path, cfg: EvalConfig, scores: np.ndarr
     rows = [{"text": t, "image": i} for t, i in sorted(pairs)]
     match = {(int(r["text"]), int(r["image"])): float(r["score"]) for r in _run(model_dir, store_path, cfg, "match",
                                                                                   rows)}
-    # a log-probability is <= 0; shifting by 10 lifts the re-ranked candidates above every cosine (<= 1)
-    text_side = scores.copy()
-    for t in range(scores.shape[0]):
-        for i in t2i[t]:
-            text_side[t, i] = 10.0 + match[(t, int(i))]
-    image_side = scores.T.copy()
-    for i in range(scores.shape[1]):
-        for t in i2t[i]:
-            image_side[i, t] = 10.0 + match[(int(t), i)]
-    return text_side, image_side
+    return (_place_by_rank(scores, t2i, lambda q, c: match[(q, c)]),
+            _place_by_rank(scores.T, i2t, lambda q, c: match[(c, q)]))
+
+
+def _place_by_rank(scores: np.ndarray, candidates: np.ndarray, match) -> np.ndarray:
+    """``scores`` with each query's candidates moved above every other item (cosines are <= 1,
+    the candidates get 2, 3, ...) in the order of their match score (ties: the dual
+    encoder's order); only ranks matter downstream, so the match values' scale cannot leak."""
+    out = scores.copy()
+    for q, cands in enumerate(candidates):
+        cands = [int(c) for c in cands]
+        ranked = sorted(range(len(cands)), key=lambda r: -match(q, cands[r]))  # stable: dual order on ties
+        for place, r in enumerate(ranked):
+            out[q, cands[r]] = 2.0 + len(cands) - place
+    return out

@@ -15,7 +15,7 @@ MODEL_TYPES = {config.model_type: (task, model) for task, (config, model) in TAS
 
 
 def build_model(task: str, vocab_size: int, size: str = "small", init: str = "", **settings) -> VLPreTrainedModel:
-    """A new ``task`` model: BERT of ``size`` (tiny | small | base) trained from scratch, or,
+    """A new ``task`` model: BERT of ``size`` (tiny | small | medium | base) trained from scratch, or,
     when ``init`` names a local pretrained BERT directory, that BERT's shape and weights.
     ``settings`` are the task config's own fields (layout, loss options)."""
     if task not in TASKS:

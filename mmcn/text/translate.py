@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from tqdm import tqdm
 
-from mmcn.data import features as F
+from mmcn.data import features as region_features
+from mmcn.data.chain import read_chain, write_chain
 from mmcn.data.tags import ImageTags, tags_path, write_tags
 
 log = logging.getLogger(__name__)
@@ -79,19 +80,20 @@ class LabelTable:
                     self._maps[kind][normalise(e.en)] = e.zh
                 if e.note:
                     self.notes[normalise(e.en)] = e.note
+        self.overrides = list(overrides)
         self.n_overrides = len(overrides)
 
     @classmethod
-    def load(cls, overrides: Path | None = None) -> "LabelTable":
-        """The packaged table, with the rows of an ``overrides`` file on top when given."""
+    def load(cls, overrides: Path | None = None, rows: Sequence[Entry] = ()) -> "LabelTable":
+        """The packaged table, with the rows of an ``overrides`` file (or given ``rows``) on top."""
         text = resources.files("mmcn").joinpath(PACKAGED_TABLE).read_text("utf-8")
-        extra: list[Entry] = []
+        extra: list[Entry] = list(rows)
         if overrides:
             path = Path(overrides)
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: overrides file not found (set translate.overrides to an "
                                         "existing TSV of 'english<TAB>chinese' lines, or to empty)")
-            extra = read_table(path.read_text("utf-8"), str(path))
+            extra += read_table(path.read_text("utf-8"), str(path))
         return cls(read_table(text, f"mmcn/{PACKAGED_TABLE}"), extra)
 
     def get(self, label: str, kind: Kind) -> str | None:
@@ -160,12 +162,12 @@ def translate_features(features_dir: Path, out_dir: Path, table: LabelTable,
     """
     start = time.perf_counter()
     translator = Translator(table, cfg)
-    splits = F.splits_in(features_dir)
+    splits = region_features.splits_in(features_dir)
     if not splits:
         raise FileNotFoundError(f"{features_dir}: no feature shards; run the features stage first")
     results: dict[str, list[ImageTags]] = {}
     for split in splits:
-        records = F.iter_columns(features_dir, split, ("image_id", "classes", "attributes"))
+        records = region_features.iter_columns(features_dir, split, ("image_id", "classes", "attributes"))
         results[split] = [translator.image(r["image_id"], r["classes"], r["attributes"])
                           for r in tqdm(records, desc=f"translate {split}", unit="img", leave=False)]
     summary = translator.summary()
@@ -177,6 +179,8 @@ def translate_features(features_dir: Path, out_dir: Path, table: LabelTable,
                                 "keep or drop")
     for split, records in results.items():
         write_tags(tags_path(out_dir, split), records)
+    write_chain(out_dir, read_chain(features_dir), "translate",
+                {**asdict(cfg), "overrides": [asdict(e) for e in table.overrides]})
     summary["images"] = {split: len(records) for split, records in results.items()}
     summary["overrides"] = table.n_overrides
     log.info("translate: %s images, coverage %.2f%% (%d unknown object / %d unknown attribute occurrences, "

@@ -17,14 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -64,7 +62,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ModelSpec:
     task: str                       # caption | retrieval
-    size: str = "small"             # tiny | small | base (ignored when init is given)
+    size: str = "small"             # tiny | small | medium | base (ignored when init is given)
     init: str = ""                  # local pretrained BERT directory, or "" to train from scratch
     settings: dict = field(default_factory=dict)   # the task config's own fields (layout, loss options)
 
@@ -78,7 +76,7 @@ def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, stor
     from ray.train.torch import TorchTrainer
 
     from mmcn.data.lmdb_store import LmdbStore
-    from mmcn.text.tokenizer import build_tokenizer, load_tokenizer
+    from mmcn.models.tokenizer import build_tokenizer, load_tokenizer
 
     lmdb_dir, out_dir, storage_path = Path(lmdb_dir).resolve(), Path(out_dir).resolve(), Path(storage_path).resolve()
     train_store = LmdbStore(lmdb_dir / "train")
@@ -119,8 +117,9 @@ def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, stor
     summary = {"task": spec.task, "run": run_name, "steps": state["step"], "epochs": cfg.epochs,
                "seconds": round(time.perf_counter() - start, 1), "resumed_from_step": history["resumed_from"],
                "train": history["train"], "valid": history["valid"]}
-    export(model, tokenizer_dir, out_dir, {"task": spec.task, "model": asdict(spec), "train": asdict(cfg),
-                                           "lmdb": str(lmdb_dir), "run": run_name, "steps": state["step"]})
+    export(model, tokenizer_dir, out_dir, {
+        "task": spec.task, "model": asdict(spec), "train": _results_settings(cfg), "lmdb": str(lmdb_dir),
+        "run": run_name, "steps": state["step"], "chain": train_store.meta.get("chain", {})})
     log.info("%s: %d steps in %.0fs (resumed from step %s), model in %s", spec.task, state["step"],
              summary["seconds"], history["resumed_from"], out_dir)
     return summary
@@ -148,7 +147,7 @@ def _fingerprint(spec: ModelSpec, cfg: TrainConfig, store) -> str:
     from mmcn import provenance
     from mmcn.data.lmdb_store import LmdbStore
 
-    settings = {**asdict(spec), **{k: v for k, v in asdict(cfg).items() if k not in ("max_failures", "cpus_per_worker")}}
+    settings = {**asdict(spec), **_results_settings(cfg)}
     try:
         valid = LmdbStore(Path(store.path).parent / "valid").meta["sources"]
     except FileNotFoundError:  # no valid split
@@ -158,6 +157,11 @@ def _fingerprint(spec: ModelSpec, cfg: TrainConfig, store) -> str:
     digest.update(json.dumps(sources, sort_keys=True).encode())
     digest.update(json.dumps(provenance.digests(provenance.code_files(__name__)), sort_keys=True).encode())
     return digest.hexdigest()[:12]
+
+
+def _results_settings(cfg: TrainConfig) -> dict:
+    """The training settings that decide the model (not how many threads or retries made it)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("max_failures", "cpus_per_worker")}
 
 
 def _build(spec: ModelSpec, vocab_size: int):
@@ -183,7 +187,8 @@ def _train_worker(config: dict) -> None:
     from torch.utils.data.distributed import DistributedSampler
     from transformers import get_scheduler
 
-    from mmcn.text.tokenizer import load_tokenizer
+    from mmcn.models.runtime import autocast
+    from mmcn.models.tokenizer import load_tokenizer
 
     spec, cfg = ModelSpec(**config["spec"]), TrainConfig(**config["cfg"])
     ctx = ray.train.get_context()
@@ -221,7 +226,7 @@ def _train_worker(config: dict) -> None:
         step = history["resumed_from"] = state["step"]
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = autocast(device)
     started = time.perf_counter()
 
     staging = Path(tempfile.gettempdir()) / "mmcn-checkpoints" / config["run_name"]
@@ -253,7 +258,7 @@ def _train_worker(config: dict) -> None:
                 continue
             if i >= steps_per_epoch * cfg.grad_accum:
                 break
-            with autocast:
+            with bf16:
                 loss = model(**batch).loss / cfg.grad_accum
             loss.backward()
             if (i + 1) % cfg.grad_accum:
@@ -310,31 +315,11 @@ def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, d
         return {"valid_loss": round(sum(losses) / max(total, 1), 5),
                 "valid_token_accuracy": round(100.0 * correct / max(total, 1), 3)}
     from mmcn.eval.retrieval_metrics import retrieval_scores
+    from mmcn.models.inference import RetrievalEncoder, embed_images, embed_texts
 
-    text_emb, image_emb, scores = _embed_split(model, store_path, tokenizer, device)
-    dataset = _task_data(task, store_path, tokenizer, model.config, cfg)[0]
-    position = {int(i): k for k, i in enumerate(dataset.store.image_ids)}
-    gold = [[position[i] for i in dataset.text(t)["image_ids"]] for t in range(dataset.store.num_texts)]
-    r = retrieval_scores(scores.numpy(), gold, ks=(1, 5))
+    data = _task_data(task, store_path, tokenizer, model.config, cfg)[0]
+    encoder = RetrievalEncoder(model, tokenizer, device)
+    scores = embed_texts(encoder, data) @ embed_images(encoder, data).T
+    r = retrieval_scores(scores, data.store.gold_positions()[0], ks=(1, 5))
     return {"valid_t2i_r1": round(r["t2i"]["r1"], 3), "valid_i2t_r1": round(r["i2t"]["r1"], 3),
             "valid_mean_recall": round(r["mean_recall"], 3)}
-
-
-@torch.no_grad()
-def _embed_split(model, store_path: Path, tokenizer, device, batch_size: int = 64):
-    """Dual-encoder embeddings of every text and image of a store, and their (texts × images) scores."""
-    from mmcn.data.datasets import RetrievalDataset
-    from mmcn.models.inputs import RetrievalCollator
-
-    dataset = RetrievalDataset(store_path)
-    collate = RetrievalCollator(tokenizer, model.config)
-    texts, images = [], []
-    for first in range(0, dataset.store.num_texts, batch_size):
-        b = collate([dataset.text(t) for t in range(first, min(first + batch_size, dataset.store.num_texts))])
-        texts.append(model.encode_text(b["text_ids"].to(device), b["text_mask"].to(device)).cpu())
-    for first in range(0, len(dataset.store), batch_size):
-        b = collate([dataset.image(i) for i in range(first, min(first + batch_size, len(dataset.store)))])
-        images.append(model.encode_image(*(b[k].to(device) for k in ("image_tag_ids", "image_tag_mask", "img_feats",
-                                                                      "img_mask"))).cpu())
-    text_emb, image_emb = torch.cat(texts), torch.cat(images)
-    return text_emb, image_emb, text_emb @ image_emb.T

@@ -13,7 +13,6 @@ run's; on a mismatch the folder is cleared first and every shard is extracted ag
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -25,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from mmcn import provenance
-from mmcn.data import features as F
+from mmcn.data import features as region_features
 from mmcn.data import tsv
+from mmcn.data.chain import read_chain, write_chain
+from mmcn.data.image import decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +90,7 @@ def fingerprint(detector_dir: Path, tsv_dir: Path, cfg: ExtractConfig) -> dict:
 
 def decode(data: bytes, cfg: ExtractConfig):
     """Bytes -> uint8 RGB tensor (3, H, W); raises ValueError(reason) for unusable images."""
-    import torch
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > cfg.max_pixels:
-                raise ValueError(f"too_many_pixels: {img.width}x{img.height}")
-            if min(img.size) < cfg.min_side:
-                raise ValueError(f"too_small: {img.width}x{img.height}")
-            arr = np.asarray(img.convert("RGB"))
-    except ValueError:
-        raise
-    except Exception as e:  # PIL's assorted decode errors
-        raise ValueError(f"corrupt: {type(e).__name__}: {e}") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return decode_rgb(data, cfg.max_pixels, cfg.min_side)
 
 
 class ShardExtractor:
@@ -135,14 +122,14 @@ class ShardExtractor:
             except ValueError as e:
                 skipped.append({"split": task.split, "image_id": image_id, "line": line + 1, "reason": str(e)})
         records = dict(detect_regions(self.model, images, self.cfg, self.device))
-        F.write_shard(F.shard_path(self.out_dir, task.split, task.index),
+        region_features.write_shard(region_features.shard_path(self.out_dir, task.split, task.index),
                       [records[image_id] for image_id, _ in images])
         return {"split": task.split, "index": task.index, "images": len(images), "skipped": skipped,
                 "boxes": int(sum(r.num_boxes for r in records.values()))}
 
 
 def detect_regions(model, images: list[tuple[int, "torch.Tensor"]], cfg: ExtractConfig,
-                   device=None) -> list[tuple[int, F.RegionFeatures]]:
+                   device=None) -> list[tuple[int, region_features.RegionFeatures]]:
     """``(image_id, uint8 RGB tensor)`` pairs -> ``(image_id, region features)``, detected in
     batches of similar size (sorted by height, width) to limit padding; output in that order."""
     device = device or next(model.parameters()).device
@@ -157,16 +144,16 @@ def detect_regions(model, images: list[tuple[int, "torch.Tensor"]], cfg: Extract
     return out
 
 
-def to_record(config, image_id: int, img, det) -> F.RegionFeatures:
+def to_record(config, image_id: int, img, det) -> region_features.RegionFeatures:
     """One image's detections (``config``: the detector's, for its label vocabularies) as region features."""
     height, width = int(img.shape[1]), int(img.shape[2])
     boxes = det.boxes.float().cpu().numpy()
     attr_ids, attr_scores = det.attr_ids.cpu().tolist(), det.attr_scores.float().cpu().tolist()
-    return F.RegionFeatures(
+    return region_features.RegionFeatures(
         image_id=image_id, width=width, height=height, boxes=boxes,
         classes=[config.classes[int(i)] for i in det.labels.cpu()],
         class_conf=det.scores.float().cpu().numpy(),
-        features=F.region_features(det.features.float().cpu().numpy(), boxes, width, height),
+        features=region_features.region_features(det.features.float().cpu().numpy(), boxes, width, height),
         attributes=[[config.attributes[a] for a in ids if a >= 0] for ids in attr_ids],
         attr_conf=[[s for a, s in zip(ids, scores) if a >= 0] for ids, scores in zip(attr_ids, attr_scores)])
 
@@ -187,9 +174,11 @@ def extract_features(detector_dir: Path, tsv_dir: Path, out_dir: Path, cfg: Extr
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous.write_text(json.dumps(mark, indent=2) + "\n")
+    write_chain(out_dir, read_chain(tsv_dir), "features",
+                {k: v for k, v in mark["settings"].items() if k != "shard_size"})
 
     tasks = plan(tsv_dir, cfg.shard_size)
-    todo = [t for t in tasks if not F.shard_path(out_dir, t.split, t.index).is_file()]
+    todo = [t for t in tasks if not region_features.shard_path(out_dir, t.split, t.index).is_file()]
     log.info("features: %d shards, %d already done, %d to extract with %d worker(s)", len(tasks),
              len(tasks) - len(todo), len(todo), cfg.workers)
     stats = []

@@ -1,7 +1,6 @@
 """Training the native detector on the ground-truth boxes that ingest kept in its manifest."""
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -9,12 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from mmcn.data import tsv
+from mmcn.data.image import decode_rgb
 from mmcn.data.manifest import ManifestEntry, manifest_path, read_manifest
 from mmcn.vision.detector import Detector
 
@@ -56,13 +54,6 @@ def vocab_from_manifest(tsv_dir: Path, split: str = "train") -> tuple[tuple[str,
         raise ValueError(f"{manifest_path(tsv_dir, split)} has no ground-truth objects: the detector cannot be "
                          "trained on it; give `objects` in captions.jsonl or set detector weights")
     return tuple(classes), tuple(attributes)
-
-
-def decode_rgb(data: bytes) -> torch.Tensor:
-    """Image bytes -> uint8 RGB tensor (3, H, W), without EXIF rotation (boxes follow the file)."""
-    with Image.open(io.BytesIO(data)) as img:
-        arr = np.asarray(img.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def load_samples(tsv_dir: Path, split: str, classes: tuple[str, ...], attributes: tuple[str, ...],
