@@ -238,3 +238,22 @@ def test_reduced_depth_real_width_variants_run(name):
     assert 1 <= len(det) <= 100 and det.features.shape == (len(det), 2048)
     assert ((det.labels >= 0) & (det.labels < config.num_classes)).all()
     assert (det.boxes[:, 2] <= 70).all() and (det.boxes[:, 3] <= 50).all()
+
+
+@pytest.mark.parametrize("n, k, shared", [(300, 1601, False), (300, 1601, True), (40, 7, False), (64, 37, True)])
+def test_nms_of_all_classes_at_once_decides_as_torchvision_per_class(n, k, shared):
+    """The GPU path of per-class NMS against torchvision's batched_nms (its per-class loop above
+    100k boxes), on random boxes: per-class regressed or shared by all classes."""
+    from torchvision.ops import batched_nms
+
+    from mmcn.vision.detector import _nms_all_classes_at_once
+
+    g = torch.Generator().manual_seed(n + k)
+    xy, wh = torch.rand(n, 1 if shared else k, 2, generator=g) * 500, torch.rand(n, 1 if shared else k, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + wh], -1).expand(n, k, 4)
+    scores = torch.rand(n, k, generator=g)
+    scores[: n // 4] = scores[0]  # exact ties in every class
+    kept = batched_nms(boxes.reshape(-1, 4), scores.reshape(-1), torch.arange(k).repeat(n), 0.3)
+    expected = torch.zeros(n * k, dtype=torch.bool)
+    expected[kept] = True
+    assert torch.equal(_nms_all_classes_at_once(boxes, scores, 0.3), expected.view(n, k))

@@ -447,6 +447,51 @@ class Detections:
         return len(self.boxes)
 
 
+def per_class_nms(boxes: Tensor, scores: Tensor, iou_thresh: float) -> Tensor:
+    """Greedy NMS in every class: ``boxes`` (N, K, 4), ``scores`` (N, K) -> (N, K) bool, True
+    where box n survives in class k. On the CPU torchvision's ``batched_nms``; on a GPU
+    :func:`_nms_all_classes_at_once`, which makes the same decisions (tested) without
+    ``batched_nms``'s Python loop of one NMS call per class (it takes that path above 100k
+    boxes, and on a GPU each call waits for the device: 0.4 s per image of 300 proposals x
+    1600 classes on an H200, 20x the network's time)."""
+    n, k = scores.shape
+    if not scores.is_cuda:
+        classes = torch.arange(k, device=scores.device).repeat(n)
+        kept = batched_nms(boxes.reshape(-1, 4), scores.reshape(-1), classes, iou_thresh)
+        survived = torch.zeros(n * k, dtype=torch.bool, device=scores.device)
+        survived[kept] = True
+        return survived.view(n, k)
+    return _nms_all_classes_at_once(boxes, scores, iou_thresh)
+
+
+def _nms_all_classes_at_once(boxes: Tensor, scores: Tensor, iou_thresh: float, classes_per_chunk: int = 256) -> Tensor:
+    """:func:`per_class_nms` as N tensor steps over all classes together: torchvision's ``nms``
+    decisions (stable descending score order; IoU = inter / (area_i + area_j - inter) in
+    float32, suppressed when > ``iou_thresh``) for every class at once."""
+    n, k = scores.shape
+    survived = torch.zeros((n, k), dtype=torch.bool, device=scores.device)
+    for first in range(0, k, classes_per_chunk):  # bounds the (classes, N, N) IoU tensor
+        cls = slice(first, min(first + classes_per_chunk, k))
+        s = scores[:, cls].t().float()                                       # (C, N)
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices
+        b = boxes[:, cls].permute(1, 0, 2).float().gather(1, order[..., None].expand(-1, -1, 4))  # (C, N, 4) sorted
+        area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+        w = (torch.minimum(b[..., :, None, 2], b[..., None, :, 2]) -
+             torch.maximum(b[..., :, None, 0], b[..., None, :, 0])).clamp(min=0)
+        h = (torch.minimum(b[..., :, None, 3], b[..., None, :, 3]) -
+             torch.maximum(b[..., :, None, 1], b[..., None, :, 1])).clamp(min=0)
+        inter = w * h
+        overlaps = inter / (area[..., :, None] + area[..., None, :] - inter) > iou_thresh   # (C, N, N)
+        suppressed = torch.zeros_like(s, dtype=torch.bool)
+        kept = torch.zeros_like(s, dtype=torch.bool)
+        for i in range(n):  # box i (in score order) survives unless a kept, better box suppressed it
+            alive = ~suppressed[:, i]
+            kept[:, i] = alive
+            suppressed |= overlaps[:, i] & alive[:, None]
+        survived[:, cls] = torch.zeros_like(kept).scatter_(1, order, kept).t()
+    return survived
+
+
 def select_detections(boxes: Tensor, scores: Tensor, score_thresh: float, nms_thresh: float,
                       min_boxes: int, max_boxes: int) -> tuple[Tensor, Tensor, Tensor]:
     """VinVL/BUTD box selection; returns (box index, class index, score), best first.
@@ -455,12 +500,8 @@ def select_detections(boxes: Tensor, scores: Tensor, score_thresh: float, nms_th
     class over all N boxes; a box's score is its best class among those it survived; keep
     scores >= score_thresh, at least min_boxes and at most max_boxes of them.
     """
-    n, k = scores.shape
-    classes = torch.arange(k, device=scores.device).repeat(n)
-    survived = batched_nms(boxes.reshape(-1, 4), scores.reshape(-1), classes, nms_thresh)
-    masked = torch.full((n * k,), -1.0, dtype=scores.dtype, device=scores.device)
-    masked[survived] = scores.reshape(-1)[survived]
-    best, label = masked.view(n, k).max(dim=1)
+    survived = per_class_nms(boxes, scores, nms_thresh)
+    best, label = scores.masked_fill(~survived, -1.0).max(dim=1)
     candidates = torch.where(best >= 0)[0]
     order = candidates[torch.argsort(best[candidates], descending=True, stable=True)]
     n_above = int((best[order] >= score_thresh).sum())

@@ -20,8 +20,12 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from mmcn import provenance
 from mmcn.data import features as region_features
@@ -128,7 +132,7 @@ class ShardExtractor:
                 "boxes": int(sum(r.num_boxes for r in records.values()))}
 
 
-def detect_regions(model, images: list[tuple[int, "torch.Tensor"]], cfg: ExtractConfig,
+def detect_regions(model, images: list[tuple[int, torch.Tensor]], cfg: ExtractConfig,
                    device=None) -> list[tuple[int, region_features.RegionFeatures]]:
     """``(image_id, uint8 RGB tensor)`` pairs -> ``(image_id, region features)``, detected in
     batches of similar size (sorted by height, width) to limit padding; output in that order."""
