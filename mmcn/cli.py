@@ -138,6 +138,21 @@ def _cmd_build_lmdb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_model(args: argparse.Namespace) -> int:
+    from mmcn.models.factory import load_model
+    from mmcn.models.oscar import export
+    from mmcn.models.tokenizer import load_tokenizer
+
+    try:
+        _, model = load_model(args.model)
+        written = export(model, load_tokenizer(args.model), args.out)
+    except (FileNotFoundError, ValueError) as e:  # OscarCheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"format": args.format, "out": str(args.out), **written}, ensure_ascii=False))
+    return 0
+
+
 def _chain_settings(args: argparse.Namespace):
     """``(chain, decoding)`` for `caption` / `search`. The chain (ingest.max_side, features.*,
     translate.*): from ``--params`` when given, else None, which means the settings recorded in
@@ -166,10 +181,11 @@ def _chain_settings(args: argparse.Namespace):
     elif PARAMS_FILE.is_file():
         params = yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8")) or {}
     evals = ((params.get(args.command) or {}).get("eval") or {})
-    decoding = Decoding(**{k: evals[k] for k in ("num_beams", "max_length", "length_penalty", "no_repeat_ngram_size")
-                           if k in evals})
+    decoding = Decoding.of_params(evals)
     if getattr(args, "num_beams", None):
         decoding = dataclasses.replace(decoding, num_beams=args.num_beams)
+    if getattr(args, "decoding", None):
+        decoding = dataclasses.replace(decoding, mode=args.decoding)
     return chain, decoding
 
 
@@ -429,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=Path("models/caption"), help="caption model folder")
     p.add_argument("--json", action="store_true", help="one JSON object per line: image, caption, score, tags")
     p.add_argument("--num-beams", type=int, default=None, help="beam size (default: caption.eval.num_beams)")
+    p.add_argument("--decoding", choices=("mmcn", "oscar"), default=None,
+                   help="mmcn's search or microsoft/Oscar's, exactly (max_length then counts [CLS] and [SEP]) "
+                        "(default: caption.eval.decoding)")
     p.set_defaults(func=_cmd_caption)
 
     p = sub.add_parser(
@@ -445,6 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="how many images to print")
     p.add_argument("--json", action="store_true", help="one JSON object per line: rank, image, score")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser(
+        "export-model", help="a model folder (mmcn's or an imported Oscar one) -> an Oscar / Mengzi-Oscar folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Write MODEL_DIR as OUT_DIR in microsoft/Oscar's layout, which its from_pretrained and --do_test read: "
+            "pytorch_model.bin (Oscar's key names), config.json with Oscar's fields, training_args.bin with the "
+            "layout (max_seq_length, max_seq_a_length, max_img_seq_length), vocab.txt and the tokenizer maps. "
+            "Heads Oscar has no place for go to mmcn_extra_heads.safetensors."))
+    p.add_argument("model", type=Path, help="model folder (models/caption, models/retrieval, or an Oscar folder)")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--format", choices=("oscar",), default="oscar", help="the layout to write")
+    p.set_defaults(func=_cmd_export_model)
 
     for name in ("caption", "search"):
         p = sub.choices[name]

@@ -223,11 +223,13 @@ class Captioner:
 class Hit:
     rank: int
     name: str          # file path, or the image id of an LMDB split
-    score: float       # cosine similarity of the query and the image
+    score: float       # cosine similarity of the query and the image; log P(match) for a matcher-only model
 
 
 class Searcher:
-    """Rank images for a Chinese query with a trained retrieval model (dual encoder).
+    """Rank images for a Chinese query with a trained retrieval model: by the dual encoder's
+    cosines, or, for a model without one (an Oscar retrieval checkpoint), by its matcher's
+    log P(match) of the query with every indexed image (the images are kept, not embedded).
 
     >>> searcher = Searcher.from_dir("models/retrieval")
     >>> searcher.index_lmdb("data/lmdb/test")  # or .index_images(["a.jpg", ...]) (runs the detector)
@@ -241,6 +243,7 @@ class Searcher:
         self._chain: RegionChain | None = None
         self.names: list[str] = []
         self.embeddings = np.zeros((0, encoder.dim), np.float32)
+        self.items: list[dict] = []    # the indexed images themselves, for a model without a dual encoder
 
     @classmethod
     def from_dir(cls, model_dir: Path | str = "models/retrieval", detector_dir: Path | str | None = "models/detector",
@@ -253,7 +256,10 @@ class Searcher:
     def _add(self, names: list[str], items: list[dict]) -> None:
         if items:
             self.names += names
-            self.embeddings = np.concatenate([self.embeddings, self.encoder.images(items)])
+            if self.encoder.dual_encoder:
+                self.embeddings = np.concatenate([self.embeddings, self.encoder.images(items)])
+            else:
+                self.items += items
 
     def index_images(self, images: Sequence[ImageInput]) -> list[Skipped]:
         """Run the detector chain over raw images and add them; returns the skipped ones."""
@@ -275,14 +281,22 @@ class Searcher:
 
         data = RetrievalDataset(path)
         self.names += [str(i) for i in data.store.image_ids]
-        self.embeddings = np.concatenate([self.embeddings, embed_images(self.encoder, data, self.batch_size)])
+        if self.encoder.dual_encoder:
+            self.embeddings = np.concatenate([self.embeddings, embed_images(self.encoder, data, self.batch_size)])
+        else:
+            self.items += [data.image(i) for i in range(data.num_images)]
         return data.num_images
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
         """The ``k`` best images for ``query``, best first (ties: the earlier indexed first)."""
         if not self.names:
             raise ValueError("no images indexed: call index_images or index_lmdb first")
-        scores = self.embeddings @ self.encoder.texts([query])[0]
+        if self.encoder.dual_encoder:
+            scores = self.embeddings @ self.encoder.texts([query])[0]
+        else:  # the matcher on (query, image) for every indexed image, batch_size pairs at a time
+            text, n = {"text": query, "text_id": 0}, self.batch_size
+            scores = np.concatenate([self.encoder.match([{**text, **item} for item in self.items[first:first + n]])
+                                     for first in range(0, len(self.items), n)])
         order = np.argsort(-scores, kind="stable")[:k]
         return [Hit(r + 1, self.names[i], float(scores[i])) for r, i in enumerate(order)]
 

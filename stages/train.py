@@ -19,11 +19,22 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def init_dir(task: str, folder: Path) -> str:
+    """``{task}.model.init``: a model folder to start from, or one without ``config.json`` (the
+    repository's data/init/{task}: train from scratch). It is a dep of the stage in dvc.yaml."""
+    if not folder.is_dir():
+        raise SystemExit(f"{task}.model.init: {folder}: no such folder (a Mengzi-Oscar/Oscar or BERT model folder, "
+                         f"or data/init/{task} with none in it to train from scratch)")
+    if not (folder / "config.json").is_file():
+        return ""
+    return str(folder)
+
+
 if __name__ == "__main__":
     task = sys.argv[1]
     log = start(f"train.{task}")
     model = dict(stage_params(f"{task}.model"))
-    spec = ModelSpec(task, size=model.pop("size"), init=model.pop("init") or "", settings=model)
+    spec = ModelSpec(task, size=model.pop("size"), init=init_dir(task, Path(model.pop("init") or "")), settings=model)
     cfg = TrainConfig(**stage_params(f"{task}.train"), **stage_params("train"), **execution_params("train"))
     # Ray's own loggers at ERROR in every process of the local Ray this stage starts: Ray
     # Train's placement-group cleaner warns every second when the dashboard (State API) is off

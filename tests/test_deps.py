@@ -43,15 +43,26 @@ def lookup(params: dict, dotted: str):
     return value
 
 
-def interpolate(value, item: str | None, params: dict):
-    """``${item}`` and ``${section.key}`` (from params.yaml) as DVC resolves them."""
+def interpolate(value, item, params: dict, key: str | None = None):
+    """``${item}`` (``${item.x}`` of a dict item), ``${key}`` (a dict foreach's key) and
+    ``${section.key}`` (from params.yaml) as DVC resolves them."""
     if isinstance(value, dict):
-        return {interpolate(k, item, params): interpolate(v, item, params) for k, v in value.items()}
+        return {interpolate(k, item, params, key): interpolate(v, item, params, key) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, item, params) for v in value]
+        return [interpolate(v, item, params, key) for v in value]
     if not isinstance(value, str):
         return value
-    return re.sub(r"\$\{\s*([^}\s]+)\s*\}", lambda m: str(item if m[1] == "item" else lookup(params, m[1])), value)
+
+    def resolve(name: str):
+        if name == "item":
+            return item
+        if name == "key":
+            return key
+        if name.startswith("item."):
+            return lookup(item, name[len("item."):])
+        return lookup(params, name)
+
+    return re.sub(r"\$\{\s*([^}\s]+)\s*\}", lambda m: str(resolve(m[1])), value)
 
 
 def stages(dvc_yaml: dict, params: dict) -> list[Stage]:
@@ -60,9 +71,16 @@ def stages(dvc_yaml: dict, params: dict) -> list[Stage]:
         items = spec["foreach"] if "foreach" in spec else [None]
         if isinstance(items, str):
             items = interpolate(items, None, params)
-        assert isinstance(items, list), f"{name}: foreach over a {type(items).__name__} is not handled here"
-        for item in items:
-            body = interpolate(spec["do"] if item is not None else spec, item, params)
+        if isinstance(items, dict):  # key -> value: ${key} is the instance name, ${item.x} the value's fields
+            pairs = [(k, lookup(params, v[2:-1]) if isinstance(v, str) and v.startswith("${") else v)
+                     for k, v in items.items()]
+        else:
+            assert isinstance(items, list), f"{name}: foreach over a {type(items).__name__} is not handled here"
+            pairs = [(item, item) for item in items]
+        for item_name, item in pairs:
+            body = interpolate(spec["do"] if item is not None else spec, item, params,
+                               item_name if isinstance(items, dict) else None)
+            item = item_name
             scripts = [w for w in shlex.split(body["cmd"]) if w.endswith(".py")]
             assert len(scripts) == 1, f"{name}: cmd {body['cmd']!r} should run one Python script"
             declared = []
@@ -200,7 +218,7 @@ def test_the_check_sees_params_read_and_paths_opened(tmp_path):
     dvc_yaml, params = load()
     broken = copy.deepcopy(dvc_yaml)
     broken["stages"]["detector"]["deps"].remove("${detector.weights}")
-    broken["stages"]["train"]["do"]["params"].remove("${item}.model")
+    broken["stages"]["train"]["do"]["params"].remove("${key}.model")
     broken["stages"]["features"]["params"].append("execution")
     problems = check(stages(broken, params), params)
     assert any(p.startswith(f"detector: missing dep {params['detector']['weights']} (params detector.weights")

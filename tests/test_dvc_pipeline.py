@@ -74,6 +74,7 @@ def repo(tmp_path_factory) -> Path:
     (repo / "data").mkdir()
     shutil.copy(ROOT / "data/labels_zh_overrides.tsv", repo / "data/labels_zh_overrides.tsv")
     shutil.copytree(ROOT / "data/detector_weights", repo / "data/detector_weights")  # detector.weights: none there
+    shutil.copytree(ROOT / "data/init", repo / "data/init")  # {task}.model.init: none there
     for tree in ("stages", "mmcn"):
         shutil.copytree(ROOT / tree, repo / tree, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     set_params(repo, TINY)

@@ -45,6 +45,7 @@ def test_retrieval_metrics_match_chinese_clip_scoring_of_the_written_files(ray_s
     metrics = evaluate_retrieval(trained / "models/retrieval", trained / "lmdb", tmp_path, EvalConfig(batch_size=4,
                                                                                               rerank_k=3))
     assert set(metrics) >= {"t2i", "i2t", "mean_recall", "dual_encoder", "reranked", "baseline_chance"}
+    assert metrics["ranker"] == "dual_encoder+rerank"
     texts = tmp_path / "texts.jsonl"
     store = LmdbStore(trained / "lmdb" / "test")
     texts.write_text("".join(json.dumps(t.to_json(), ensure_ascii=False) + "\n" for t in store.texts()),

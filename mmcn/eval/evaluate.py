@@ -5,8 +5,9 @@ pool (one GPU per actor when asked for, CPU otherwise):
   ROUGE-L and CIDEr-D against the references (pycocoevalcap's numbers, Chinese char or
   jieba tokens), next to a baseline: the most frequent training caption for every image;
 * retrieval: dual-encoder scores of every text against every image, both directions,
-  optionally re-ranked by the cross-encoder on each query's top k; Chinese-CLIP's recall,
-  next to the expected recall of a random ranking.
+  optionally re-ranked by the cross-encoder on each query's top k, or, for a model without
+  a dual encoder (Oscar's retrieval checkpoints), the cross-encoder's score of every
+  (text, image) pair; Chinese-CLIP's recall, next to the expected recall of a random ranking.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class EvalConfig:
     max_length: int = 30
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    decoding: str = "mmcn"        # mmcn | oscar (Oscar's beam search and length rules: mmcn.models.inference.Decoding)
     tokenize: str = "char"        # char | jieba
     # retrieval
     rerank_k: int = 10            # cross-encoder re-ranking of each query's top k (0: off)
@@ -85,17 +87,24 @@ class ModelActor:
         return {"text": batch["text"], "image": batch["image"], "score": self.encoder.match(items)}
 
 
-def _run(model_dir: Path, store_path: Path, cfg: EvalConfig, mode: str, rows: list[dict]) -> list[dict]:
-    """``rows`` through a pool of ``cfg.workers`` :class:`ModelActor`; results in input order."""
+def _pool(model_dir: Path, store_path: Path, cfg: EvalConfig, mode: str, ds):
+    """The Ray dataset ``ds`` mapped through a pool of ``cfg.workers`` :class:`ModelActor`
+    (``cfg.batch_size`` rows per call)."""
     import ray
 
-    ds = ray.data.from_items(rows).map_batches(
+    return ds.map_batches(
         ModelActor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_gpus=1 if cfg.use_gpu else 0, num_cpus=1,
         fn_constructor_kwargs={"model_dir": str(model_dir), "store_path": str(store_path), "cfg": asdict(cfg),
                                "mode": mode})
+
+
+def _run(model_dir: Path, store_path: Path, cfg: EvalConfig, mode: str, rows: list[dict]) -> list[dict]:
+    """``rows`` through a pool of ``cfg.workers`` :class:`ModelActor`; results in input order."""
+    import ray
+
     key = "index" if "index" in rows[0] else None
-    out = ds.take_all()
+    out = _pool(model_dir, store_path, cfg, mode, ray.data.from_items(rows)).take_all()
     if key:
         out.sort(key=lambda r: r[key])
     return out
@@ -111,6 +120,9 @@ def evaluate_captions(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalC
                       split: str = "test") -> dict:
     """Caption every image of ``split``, score against its references; writes
     ``predictions.jsonl`` and ``per_image.jsonl`` into ``out_dir``; returns the metrics."""
+    from mmcn.models.inference import Decoding
+
+    Decoding.of(cfg)  # a bad caption.eval.decoding fails here, not in the actors
     start = time.perf_counter()
     model_dir, store_path, out_dir = Path(model_dir).resolve(), Path(lmdb_dir).resolve() / split, Path(out_dir)
     store = LmdbStore(store_path)
@@ -136,7 +148,8 @@ def evaluate_captions(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalC
                "baseline_most_frequent_caption": {**{k: round(baseline.corpus[k], 6) for k in METRICS},
                                                   "caption": baseline_caption},
                "n_images": len(scored), "n_without_references": len(refs) - len(scored), "split": split,
-               "tokenize": cfg.tokenize, "num_beams": cfg.num_beams, "seconds": round(time.perf_counter() - start, 1)}
+               "tokenize": cfg.tokenize, "num_beams": cfg.num_beams, "decoding": cfg.decoding,
+               "seconds": round(time.perf_counter() - start, 1)}
     log.info("captions of %d %s images: CIDEr %.3f BLEU-4 %.3f (baseline CIDEr %.3f) in %.0fs", len(scored), split,
              metrics["CIDEr"], metrics["Bleu_4"], metrics["baseline_most_frequent_caption"]["CIDEr"],
              metrics["seconds"])
@@ -157,27 +170,45 @@ def chance_recall(n_items: int, gold_counts: list[int], ks=KS) -> dict[str, floa
 def evaluate_retrieval(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalConfig = EvalConfig(),
                        split: str = "test") -> dict:
     """Rank every image for every text (t2i) and every text for every image (i2t); writes
-    Chinese-CLIP prediction files (top 10) into ``out_dir``; returns the metrics."""
+    Chinese-CLIP prediction files (top 10) into ``out_dir``; returns the metrics.
+
+    A model with a dual encoder ranks by its embeddings' cosines (its matcher re-ranks each
+    query's top ``cfg.rerank_k``); one without (an Oscar retrieval checkpoint) ranks by its
+    matcher's log P(match) of every (text, image) pair, and ``rerank_k`` does not apply.
+    The metrics' ``ranker`` says which: dual_encoder | dual_encoder+rerank | cross_encoder."""
     start = time.perf_counter()
     model_dir, store_path, out_dir = Path(model_dir).resolve(), Path(lmdb_dir).resolve() / split, Path(out_dir)
-    if cfg.rerank_k and not json.loads((model_dir / "config.json").read_text()).get("match_weight", 1.0):
+    config = json.loads((model_dir / "config.json").read_text())
+    dual = config.get("dual_encoder", True)
+    if dual and cfg.rerank_k and not config.get("match_weight", 1.0):
         raise ValueError(f"{model_dir} was trained without its cross-encoder matcher (match_weight 0), so it cannot "
                          "re-rank: set rerank_k to 0, or train with match_weight > 0")
     store = LmdbStore(store_path)
     n_texts, n_images = store.num_texts, len(store)
-    rows = _run(model_dir, store_path, cfg, "embed", [{"index": -t - 1} for t in range(n_texts)] +
-                [{"index": i} for i in range(n_images)])  # sorted by index: texts (reversed) then images
-    text_emb = np.stack([r["embedding"] for r in rows[:n_texts]])[::-1]
-    image_emb = np.stack([r["embedding"] for r in rows[n_texts:]])
-    scores = text_emb @ image_emb.T                      # (texts, images) cosine similarities
     text_gold, image_gold = store.gold_positions()
     queries = [i for i in range(n_images) if image_gold[i]]
-    results = {"dual": _recalls(scores, scores.T, text_gold, image_gold, queries)}
-    t2i_scores, i2t_scores = scores, scores.T
-    if cfg.rerank_k:
-        t2i_scores, i2t_scores = _rerank(model_dir, store_path, cfg, scores)
-        results["rerank"] = _recalls(t2i_scores, i2t_scores, text_gold, image_gold, queries)
-    final = results["rerank" if cfg.rerank_k else "dual"]
+    results, extra = {}, {}
+    if dual:
+        rows = _run(model_dir, store_path, cfg, "embed", [{"index": -t - 1} for t in range(n_texts)] +
+                    [{"index": i} for i in range(n_images)])  # sorted by index: texts (reversed) then images
+        text_emb = np.stack([r["embedding"] for r in rows[:n_texts]])[::-1]
+        image_emb = np.stack([r["embedding"] for r in rows[n_texts:]])
+        scores = text_emb @ image_emb.T                      # (texts, images) cosine similarities
+        results["dual"] = _recalls(scores, scores.T, text_gold, image_gold, queries)
+        t2i_scores, i2t_scores = scores, scores.T
+        if cfg.rerank_k:
+            t2i_scores, i2t_scores = _rerank(model_dir, store_path, cfg, scores)
+            results["rerank"] = _recalls(t2i_scores, i2t_scores, text_gold, image_gold, queries)
+        ranker = "dual_encoder+rerank" if cfg.rerank_k else "dual_encoder"
+        final = results["rerank" if cfg.rerank_k else "dual"]
+    else:
+        if cfg.rerank_k:
+            log.info("%s has no dual encoder: its matcher scores every pair, so rerank_k %d is ignored", model_dir,
+                     cfg.rerank_k)
+        t2i_scores, seconds = _match_all(model_dir, store_path, cfg, n_texts, n_images)
+        i2t_scores = t2i_scores.T
+        ranker, final = "cross_encoder", _recalls(t2i_scores, i2t_scores, text_gold, image_gold, queries)
+        extra = {"pairs_scored": n_texts * n_images, "pairs_per_second": round(n_texts * n_images / seconds, 1)}
     out_dir.mkdir(parents=True, exist_ok=True)
     top_t2i, top_i2t = topk(t2i_scores, min(10, n_images)), topk(i2t_scores, min(10, n_texts))
     write_retrieval_predictions(out_dir / "t2i_predictions.jsonl", "t2i", {
@@ -186,15 +217,65 @@ def evaluate_retrieval(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: Eval
         int(store.image_ids[i]): [int(store.text_ids[t]) for t in top_i2t[i]] for i in queries})
     chance_t2i = chance_recall(n_images, [len(g) for g in text_gold if g])
     chance_i2t = chance_recall(n_texts, [len(image_gold[i]) for i in queries])
-    metrics = {**final, "dual_encoder": results["dual"], **({"reranked": results["rerank"]} if cfg.rerank_k else {}),
+    metrics = {**final, "ranker": ranker, **({"dual_encoder": results["dual"]} if dual else {}),
+               **({"reranked": results["rerank"]} if "rerank" in results else {}),
                "baseline_chance": {"t2i": chance_t2i, "i2t": chance_i2t,
                                    "mean_recall": (chance_t2i["mean_recall"] + chance_i2t["mean_recall"]) / 2},
-               "n_texts": n_texts, "n_images": n_images, "rerank_k": cfg.rerank_k, "split": split,
-               "seconds": round(time.perf_counter() - start, 1)}
-    log.info("retrieval on %s (%d texts x %d images): mean recall %.2f (dual encoder %.2f, chance %.2f) in %.0fs",
-             split, n_texts, n_images, final["mean_recall"], results["dual"]["mean_recall"],
+               "n_texts": n_texts, "n_images": n_images, "rerank_k": cfg.rerank_k if dual else 0, **extra,
+               "split": split, "seconds": round(time.perf_counter() - start, 1)}
+    log.info("retrieval on %s (%d texts x %d images) ranked by the %s: mean recall %.2f%s (chance %.2f) in %.0fs",
+             split, n_texts, n_images, ranker.replace("_", " "), final["mean_recall"],
+             f" (dual encoder alone {results['dual']['mean_recall']:.2f})" if "rerank" in results else "",
              metrics["baseline_chance"]["mean_recall"], metrics["seconds"])
     return metrics
+
+
+def _pair_positions(batch: dict, n_texts: int) -> dict:
+    """Pair numbers -> positions, image-major (pair p: image p // n_texts, text p % n_texts),
+    so that a batch holds few images."""
+    image, text = np.divmod(np.asarray(batch["id"]), n_texts)
+    return {"text": text, "image": image}
+
+
+def _match_all(model_dir: Path, store_path: Path, cfg: EvalConfig, n_texts: int,
+               n_images: int) -> tuple[np.ndarray, float]:
+    """The cross-encoder's log P(match) of every (text, image) pair of the split on the actor
+    pool, ``cfg.batch_size`` pairs per call: a (texts, images) matrix, and the seconds it took.
+    Pairs are made from their numbers inside Ray Data (no list of them on the driver); the
+    progress (counts, rate, ETA) goes to a bar on a terminal and to the log every tenth."""
+    import ray
+    from tqdm import tqdm
+
+    n = n_texts * n_images
+    if not n:
+        raise ValueError(f"{store_path}: {n_texts} texts and {n_images} images, no pair to score")
+    scores = np.full((n_texts, n_images), np.nan, np.float32)
+    blocks = min(math.ceil(n / (8 * cfg.batch_size)), 1000)  # results stream back every ~8 calls' pairs
+    pairs = ray.data.range(n, override_num_blocks=blocks).map_batches(_pair_positions, fn_kwargs={"n_texts": n_texts},
+                                                                      batch_format="numpy")
+    log.info("cross-encoder: scoring %d texts x %d images = %d pairs, %d per call, on %d actor(s)", n_texts, n_images,
+             n, cfg.batch_size, cfg.workers)
+    start, done, tenth, first = time.perf_counter(), 0, 1, None  # first results: the rate leaves start-up out
+    with tqdm(total=n, desc="cross-encoder", unit="pair", disable=None, mininterval=1.0) as bar:
+        for batch in _pool(model_dir, store_path, cfg, "match", pairs).iter_batches(batch_size=None,
+                                                                                     batch_format="numpy"):
+            scores[batch["text"], batch["image"]] = batch["score"]
+            done += len(batch["score"])
+            bar.update(len(batch["score"]))
+            now = time.perf_counter()
+            if first is None:
+                first = (now, done)
+            if done * 10 >= tenth * n:
+                tenth = done * 10 // n + 1
+                rate = (done - first[1]) / (now - first[0]) if done > first[1] else done / max(now - start, 1e-9)
+                log.info("cross-encoder: %d/%d pairs (%.0f%%) in %.0fs, %.0f pairs/s, ETA %.0fs", done, n,
+                         100 * done / n, now - start, rate, (n - done) / rate)
+    seconds = time.perf_counter() - start
+    missing = int(np.isnan(scores).sum())
+    if done != n or missing:
+        raise RuntimeError(f"{store_path}: the cross-encoder returned {done} scores for {n} pairs ({missing} pairs "
+                           "without a score); rerun the evaluation")
+    return scores, seconds
 
 
 def _recalls(t2i_scores: np.ndarray, i2t_scores: np.ndarray, text_gold, image_gold, queries) -> dict:

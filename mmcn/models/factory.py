@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import BertConfig
 
+from mmcn.models import oscar
 from mmcn.models.base import SIZES, VLPreTrainedModel, load_pretrained_bert
 from mmcn.models.caption import CaptionConfig, CaptionModel
 from mmcn.models.retrieval import RetrievalConfig, RetrievalModel
@@ -21,6 +22,12 @@ def build_model(task: str, vocab_size: int, size: str = "small", init: str = "",
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     config_cls, model_cls = TASKS[task]
+    if init and oscar.is_oscar_dir(init):  # Oscar's architecture and layout; settings may change the rest
+        found = oscar.mmcn_settings(init, task, _layout(settings))
+        fixed = oscar.fixed_settings(found)
+        model = model_cls(config_cls(**{**found, **{k: v for k, v in settings.items() if k not in fixed}}))
+        oscar.load_into(model, init)
+        return model
     if init:
         shape = BertConfig.from_pretrained(init, local_files_only=True).to_dict()
         shape = {k: shape[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -37,8 +44,22 @@ def build_model(task: str, vocab_size: int, size: str = "small", init: str = "",
     return model
 
 
+def _layout(settings: dict) -> dict:
+    return {k: settings[k] for k in ("max_text_len", "max_tag_len", "max_regions", "add_od_labels") if k in settings}
+
+
 def load_model(path: Path | str) -> tuple[str, VLPreTrainedModel]:
-    """``(task, model)`` of a saved model directory (``save_pretrained`` layout)."""
+    """``(task, model)`` of a saved model directory: mmcn's ``save_pretrained`` layout, or an
+    Oscar / Mengzi-Oscar caption or retrieval fine-tune (:mod:`mmcn.models.oscar`)."""
+    if oscar.is_oscar_dir(path):
+        task = oscar.checkpoint_task(oscar.read_state_dict(path))
+        if task == "pretrained":
+            raise ValueError(f"{path} is a pretrained Oscar checkpoint, not a caption or retrieval model: "
+                             "fine-tune it first (caption.model.init / retrieval.model.init)")
+        if not oscar.read_training_args(path):
+            raise ValueError(f"{path}: an Oscar {task} model without training_args.bin: its layout (text, tag and "
+                             f"region lengths) is unknown; fine-tune from it with {task}.model.init instead")
+        return task, build_model(task, 0, init=str(path))
     config = Path(path) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config} is missing: not a model folder written by mmcn")

@@ -5,6 +5,7 @@ call these, so a model gives one answer whichever of them runs it.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -17,20 +18,49 @@ from mmcn.models.inputs import CaptionCollator, RetrievalCollator
 from mmcn.models.runtime import autocast
 from mmcn.models.tokenizer import detokenize, load_tokenizer
 
+log = logging.getLogger(__name__)
+
+
+DECODING_MODES = ("mmcn", "oscar")
+_SETTING_NAMES = {"mode": "decoding"}  # a Decoding field -> its name in caption.eval / EvalConfig, where they differ
+
 
 @dataclass(frozen=True)
 class Decoding:
-    """How captions are decoded (the ``caption.eval`` params)."""
+    """How captions are decoded (the ``caption.eval`` params).
+
+    ``mode`` (``caption.eval.decoding``): ``"mmcn"``, this project's search
+    (:meth:`~mmcn.models.caption.CaptionModel.generate`: [PAD]/[CLS]/[MASK] banned, optional
+    n-gram block, finished beams keep their slot; ``max_length`` = caption tokens, the [SEP]
+    not counted), or ``"oscar"``, microsoft/Oscar's search rule for rule
+    (:meth:`~mmcn.models.caption.CaptionModel.generate_oscar`): ``max_length`` is then Oscar's
+    ``max_gen_length``, which counts [CLS] and the closing [SEP] (at most ``max_length - 2``
+    caption tokens; Oscar's default and its README's setting: 20), ``no_repeat_ngram_size``
+    is not used (Oscar has no such rule) and greedy ignores ``length_penalty`` as Oscar does.
+    """
 
     num_beams: int = 3           # 1: greedy
     max_length: int = 30
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    mode: str = "mmcn"           # mmcn | oscar
+
+    def __post_init__(self):
+        if self.mode not in DECODING_MODES:
+            raise ValueError(f"decoding {self.mode!r}: expected one of {', '.join(DECODING_MODES)} "
+                             "(caption.eval.decoding in params.yaml, --decoding of `mmcn caption`)")
 
     @classmethod
     def of(cls, settings) -> "Decoding":
-        """The decoding fields of any object that has them (e.g. an ``EvalConfig``)."""
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+        """The decoding fields of any object that has them (e.g. an ``EvalConfig``; ``mode`` is
+        its ``decoding``)."""
+        return cls(**{f.name: getattr(settings, _SETTING_NAMES.get(f.name, f.name)) for f in fields(cls)})
+
+    @classmethod
+    def of_params(cls, section: dict) -> "Decoding":
+        """From a ``caption.eval`` params section; keys it lacks keep the defaults."""
+        return cls(**{f.name: section[key] for f in fields(cls)
+                      if (key := _SETTING_NAMES.get(f.name, f.name)) in section})
 
 
 def load_task_model(model_dir: Path | str, task: str):
@@ -48,6 +78,9 @@ class CaptionGenerator:
         self.device = torch.device(device)
         self.model, self.tok, self.decoding = model.to(self.device).eval(), tokenizer, decoding
         self.collate = CaptionCollator(tokenizer, model.config, train=False)
+        if decoding.mode == "oscar" and decoding.no_repeat_ngram_size:
+            log.warning("decoding oscar: no_repeat_ngram_size %d is not used (Oscar blocks no n-grams)",
+                        decoding.no_repeat_ngram_size)
 
     @classmethod
     def from_dir(cls, model_dir: Path | str, decoding: Decoding = Decoding(),
@@ -57,19 +90,27 @@ class CaptionGenerator:
     @torch.no_grad()
     def __call__(self, items: list[dict]) -> tuple[list[str], list[float]]:
         b, d, tok = self.collate(items), self.decoding, self.tok
+        inputs = [b[k].to(self.device) for k in ("tag_ids", "tag_mask", "img_feats", "img_mask")]
+        special = {"cls_id": tok.cls_token_id, "sep_id": tok.sep_token_id, "mask_id": tok.mask_token_id,
+                   "pad_id": tok.pad_token_id}
         with autocast(self.device):
-            ids, scores = self.model.generate(
-                *(b[k].to(self.device) for k in ("tag_ids", "tag_mask", "img_feats", "img_mask")),
-                cls_id=tok.cls_token_id, sep_id=tok.sep_token_id, mask_id=tok.mask_token_id, pad_id=tok.pad_token_id,
-                num_beams=d.num_beams, max_length=d.max_length, length_penalty=d.length_penalty,
-                no_repeat_ngram_size=d.no_repeat_ngram_size)
-        return [detokenize(tok.decode(x)) for x in ids], [float(s) for s in scores]
+            if d.mode == "oscar":
+                ids, scores = self.model.generate_oscar(*inputs, **special, num_beams=d.num_beams,
+                                                        max_gen_length=d.max_length, length_penalty=d.length_penalty)
+            else:
+                ids, scores = self.model.generate(*inputs, **special, num_beams=d.num_beams, max_length=d.max_length,
+                                                  length_penalty=d.length_penalty,
+                                                  no_repeat_ngram_size=d.no_repeat_ngram_size)
+        # Oscar's text drops the special tokens its search may emit (tokenizer.decode(skip_special_tokens=True))
+        skip = d.mode == "oscar"
+        return [detokenize(tok.decode(x, skip_special_tokens=skip)) for x in ids], [float(s) for s in scores]
 
 
 class RetrievalEncoder:
     """A retrieval model + its tokenizer: unit-length embeddings of texts and of images
     (items with ``features`` and ``tags``), and the cross-encoder's match scores of
-    (text, image) pairs."""
+    (text, image) pairs. A model without a dual encoder (:attr:`dual_encoder` False, as
+    Oscar's retrieval checkpoints) has only the match scores."""
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -81,8 +122,15 @@ class RetrievalEncoder:
         return cls(*load_task_model(model_dir, "retrieval"), device)
 
     @property
+    def dual_encoder(self) -> bool:
+        """Whether the model embeds texts and images (False: an Oscar-style matcher only,
+        which ranks by scoring every pair with :meth:`match`)."""
+        return getattr(self.model.config, "dual_encoder", True)
+
+    @property
     def dim(self) -> int:
-        return self.model.config.embed_dim
+        """The embedding size; 0 for a matcher-only model (it has no embeddings)."""
+        return self.model.config.embed_dim if self.dual_encoder else 0
 
     def _inputs(self, items: list[dict], keys: tuple[str, ...]) -> list[torch.Tensor]:
         b = self.collate(items)

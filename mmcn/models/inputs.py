@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mmcn.models.base import VLConfig
+from mmcn.models.retrieval import random_negatives
 
 
 def segment(tokenizer, texts: list[str], length: int, cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +23,22 @@ def segment(tokenizer, texts: list[str], length: int, cls: bool) -> tuple[torch.
     room = length - len(head) - 1
     for i, tokens in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
         row = (head + tokens[:max(room, 0)] + [tokenizer.sep_token_id])[:length]
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = True
+    return ids, mask
+
+
+def packed_tags(tokenizer, texts: list[str], text_lengths: list[int], max_seq_length: int,
+                length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tag segments ``tokens [SEP]`` cut as Oscar's retrieval packs a pair into
+    ``max_seq_length`` (``tensorize_example`` of oscar/run_retrieval.py): the tags keep at most
+    ``max_seq_length - len([CLS] text [SEP]) - 1`` tokens; padded to ``length``."""
+    ids = torch.full((len(texts), length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), length), dtype=torch.bool)
+    if length == 0:
+        return ids, mask
+    for i, (tokens, used) in enumerate(zip(tokenizer(texts, add_special_tokens=False)["input_ids"], text_lengths)):
+        row = (tokens[:max(max_seq_length - used - 1, 0)] + [tokenizer.sep_token_id])[:length]
         ids[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = True
     return ids, mask
@@ -42,16 +59,33 @@ def tag_texts(items: list[dict], config: VLConfig) -> list[str]:
     return [it["tags"] if config.add_od_labels else "" for it in items]
 
 
+MASK_TYPES = ("mmcn", "oscar")
+
+
 class CaptionCollator:
-    """Caption batches. ``train``: mask caption tokens (incl. the closing [SEP]) with
-    probability ``mask_prob``, at least one and at most ``max_masked`` per caption, as
-    BERT does (80% [MASK], 10% a random token, 10% kept), and return their ``labels``."""
+    """Caption batches. ``train``: mask caption tokens and return their ``labels``.
+
+    ``mask_type: mmcn``: the candidates are the positions after [CLS] up to and including
+    the closing [SEP] (``m`` of them); ``max(1, min(max_masked, round(mask_prob * m)))`` are
+    masked, as BERT does (80% [MASK], 10% a random token of the whole tokenizer, 10% kept).
+
+    ``mask_type: oscar``: ``CaptionTensorizer.tensorize_example`` of oscar/run_captioning.py
+    (training): the same candidates (``range(1, seq_a_len)``: [SEP] included, [CLS] and
+    padding never); ``min(max(round(mask_prob * L), 1), max_masked)`` masked, where ``L`` =
+    ``m + 1`` counts the [CLS] too (Python's ``round``: halves to even); each masked one becomes
+    [MASK] if a uniform draw is <= 0.8, else, if a second draw is <= 0.5, a random token
+    (``randint(0, len(vocab))``, both ends included: the id one past the vocabulary is
+    [UNK]), else stays. Oscar's defaults and values: ``mask_prob`` 0.15, ``max_masked`` 3.
+    """
 
     def __init__(self, tokenizer, config: VLConfig, train: bool = True, mask_prob: float = 0.15,
-                 max_masked: int = 3, generator: torch.Generator | None = None):
+                 max_masked: int = 3, generator: torch.Generator | None = None, mask_type: str = "mmcn"):
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"caption mask_type must be one of {', '.join(MASK_TYPES)}, got {mask_type!r}")
         self.tokenizer, self.config, self.train = tokenizer, config, train
         self.mask_prob, self.max_masked = mask_prob, max_masked
         self.generator = generator
+        self.mask_type = mask_type
 
     def __call__(self, items: list[dict]) -> dict:
         c, tok = self.config, self.tokenizer
@@ -64,6 +98,9 @@ class CaptionCollator:
             ids, mask = segment(tok, [it["caption"] for it in items], c.max_text_len, cls=True)
             labels = torch.full_like(ids, -100)
             for i in range(len(items)):
+                if self.mask_type == "oscar":
+                    self._mask_oscar(ids[i], labels[i], int(mask[i].sum()))
+                    continue
                 candidates = torch.arange(1, int(mask[i].sum()))  # after [CLS], up to and incl. [SEP]
                 n = max(1, min(self.max_masked, round(self.mask_prob * len(candidates))))
                 chosen = candidates[torch.randperm(len(candidates), generator=self.generator)[:n]]
@@ -75,13 +112,34 @@ class CaptionCollator:
             batch.update(caption_ids=ids, caption_mask=mask, labels=labels)
         return batch
 
+    def _mask_oscar(self, ids: torch.Tensor, labels: torch.Tensor, length: int) -> None:
+        """Oscar's masking (see the class) of one caption row in place; ``length`` counts
+        [CLS] .. [SEP]."""
+        tok, g = self.tokenizer, self.generator
+        candidates = torch.arange(1, length)
+        n = min(max(round(self.mask_prob * length), 1), self.max_masked)
+        chosen = candidates[torch.randperm(len(candidates), generator=g)[:n]]
+        labels[chosen] = ids[chosen]
+        first, second = torch.rand(len(chosen), generator=g), torch.rand(len(chosen), generator=g)
+        to_mask = first <= 0.8
+        to_random = ~to_mask & (second <= 0.5)
+        vocab = tok.vocab_size  # Oscar: len(tokenizer.vocab), the vocabulary file's entries
+        drawn = torch.randint(vocab + 1, (len(chosen),), generator=g)
+        drawn[drawn == vocab] = tok.unk_token_id  # Oscar's id -> token lookup answers [UNK] past the end
+        ids[chosen[to_mask]] = tok.mask_token_id
+        ids[chosen[to_random]] = drawn[to_random]
+
 
 class RetrievalCollator:
     """Retrieval batches of (text, image) pairs: the text segment, the image's tag segment
-    twice (with [CLS] for the image tower, without for the matcher), regions and ids."""
+    twice (with [CLS] for the image tower, without for the matcher), regions and ids. With
+    the config's ``negatives: random``, batches of whole pairs also carry each pair's random
+    negative (``neg_partner``, ``neg_swap_text``: :func:`mmcn.models.retrieval.random_negatives`),
+    drawn from ``generator``."""
 
-    def __init__(self, tokenizer, config: VLConfig):
+    def __init__(self, tokenizer, config: VLConfig, generator: torch.Generator | None = None):
         self.tokenizer, self.config = tokenizer, config
+        self.generator = generator
 
     def __call__(self, items: list[dict]) -> dict:
         c, tok = self.config, self.tokenizer
@@ -96,4 +154,10 @@ class RetrievalCollator:
             batch["tag_ids"], batch["tag_mask"] = segment(tok, tags, tag_len, cls=False)
             batch["img_feats"], batch["img_mask"] = regions(items, c.max_regions, c.img_feature_dim)
             batch["image_ids"] = torch.tensor([it["image_id"] for it in items])
+        if getattr(c, "match_head", "mmcn") == "oscar" and "text_mask" in batch and "tag_ids" in batch:
+            batch["tag_ids"], batch["tag_mask"] = packed_tags(tok, tags, batch["text_mask"].sum(1).tolist(),
+                                                              c.max_text_len, tag_len)
+        if getattr(c, "negatives", "hardest") == "random" and "text_ids" in batch and "image_ids" in batch:
+            batch["neg_partner"], batch["neg_swap_text"] = random_negatives(batch["image_ids"], batch["text_ids_key"],
+                                                                            self.generator)
         return batch

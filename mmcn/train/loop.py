@@ -47,6 +47,7 @@ class TrainConfig:
     freeze_visual: bool = False
     mask_prob: float = 0.15         # caption: share of caption tokens masked
     max_masked: int = 3             # caption: most masked tokens per caption
+    mask_type: str = "mmcn"         # caption: mmcn | oscar (which tokens, how many: mmcn.models.inputs.CaptionCollator)
     workers: int = 1                # Ray Train workers (0: in the driver process, for tests)
     cpus_per_worker: int = 1        # CPU threads of each worker's torch
     use_gpu: bool = False
@@ -57,6 +58,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be linear or cosine, got {self.schedule!r}")
         if self.grad_accum < 1 or self.batch_size < 1 or self.epochs < 1:
             raise ValueError("epochs, batch_size and grad_accum must be >= 1")
+        if self.mask_type not in ("mmcn", "oscar"):
+            raise ValueError(f"mask_type must be mmcn or oscar, got {self.mask_type!r}")
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,8 @@ def _train_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = history["resumed_from"] = state["step"]
+        if hasattr(model, "train_forwards"):  # the caption loss's drop_worst_after counter (a forward per batch)
+            model.train_forwards = state.get("train_forwards", step * cfg.grad_accum)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     bf16 = autocast(device)
@@ -239,7 +244,8 @@ def _train_worker(config: dict) -> None:
             shutil.rmtree(path, ignore_errors=True)
             path.mkdir(parents=True)
             torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": step}, path / STATE)
+                        "scheduler": scheduler.state_dict(), "step": step,
+                        "train_forwards": getattr(core, "train_forwards", 0)}, path / STATE)
             (path / HISTORY).write_text(json.dumps(history))
             ckpt = ray.train.Checkpoint.from_directory(str(path))
         ray.train.report(metrics, checkpoint=ckpt)
@@ -249,7 +255,7 @@ def _train_worker(config: dict) -> None:
 
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
-        if getattr(collate, "generator", None) is not None:  # caption masks: a seeded stream per epoch and rank
+        if getattr(collate, "generator", None) is not None:  # masks, negatives: a seeded stream per epoch and rank
             collate.generator.manual_seed(cfg.seed * 100_003 + epoch * world + rank)
         model.train()
         skip = (step - epoch * steps_per_epoch) * cfg.grad_accum  # batches this epoch already trained on
@@ -291,14 +297,17 @@ def _task_data(task: str, store_path: Path, tokenizer, model_config, cfg: TrainC
     if task == "caption":
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         return CaptionDataset(store_path), CaptionCollator(tokenizer, model_config, True, cfg.mask_prob,
-                                                           cfg.max_masked, generator=gen)
-    return RetrievalDataset(store_path), RetrievalCollator(tokenizer, model_config)
+                                                           cfg.max_masked, generator=gen, mask_type=cfg.mask_type)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None  # random negatives
+    return RetrievalDataset(store_path), RetrievalCollator(tokenizer, model_config, generator=gen)
 
 
 @torch.no_grad()
 def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, device) -> dict:
     """Caption: masked-token loss and accuracy on valid (fixed masks); retrieval: dual-encoder
-    recall (t2i / i2t R@1, mean recall) over the whole valid split."""
+    recall (t2i / i2t R@1, mean recall) over the whole valid split, or for a matcher alone its
+    loss on the valid pairs and one fixed random negative each (ranking every pair would
+    take longer than the epoch)."""
     from torch.utils.data import DataLoader
 
     if not (store_path / "data.mdb").exists() and not list(store_path.glob("shard-*")):
@@ -314,6 +323,11 @@ def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, d
             correct, total = correct + int(out.correct.sum()), total + len(out.correct)
         return {"valid_loss": round(sum(losses) / max(total, 1), 5),
                 "valid_token_accuracy": round(100.0 * correct / max(total, 1), 3)}
+    if not model.config.dual_encoder:  # a matcher alone (Oscar): its loss on valid pairs + fixed random negatives
+        dataset, collate = _task_data(task, store_path, tokenizer, model.config, cfg, seed=0)
+        losses = [(model(**move(batch)).match_loss.item(), len(batch["image_ids"]))
+                  for batch in DataLoader(dataset, batch_size=64, collate_fn=collate)]
+        return {"valid_match_loss": round(sum(v * n for v, n in losses) / max(sum(n for _, n in losses), 1), 5)}
     from mmcn.eval.retrieval_metrics import retrieval_scores
     from mmcn.models.inference import RetrievalEncoder, embed_images, embed_texts
 
