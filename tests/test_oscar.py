@@ -370,8 +370,9 @@ def test_fine_tuning_from_an_oscar_checkpoint_then_evaluating_it(tmp_path, ray_s
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
     folder = write_oscar(tmp_path / "oscar-retrieval", "retrieval")
-    summary = train(ModelSpec("retrieval", init=str(folder), settings={"negatives": "hardest"}), lmdb,
-                    tmp_path / "retrieval", TrainConfig(epochs=1, batch_size=4, lr=1e-4, workers=0), tmp_path / "ray")
+    settings = {"negatives": "hardest", "match_weight": 0.0}  # params.yaml's: a matcher-only model keeps its own
+    summary = train(ModelSpec("retrieval", init=str(folder), settings=settings), lmdb, tmp_path / "retrieval",
+                    TrainConfig(epochs=1, batch_size=4, lr=1e-4, workers=0), tmp_path / "ray")
     task, model = load_model(tmp_path / "retrieval")
     assert task == "retrieval" and not model.config.dual_encoder and model.config.negatives == "random"
     assert summary["train"][0]["loss"] > 0 and summary["valid"][-1]["valid_match_loss"] > 0

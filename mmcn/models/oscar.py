@@ -142,7 +142,8 @@ def fixed_settings(settings: dict) -> set[str]:
     layout = {"max_text_len", "max_tag_len", "max_regions", "add_od_labels"} if settings["oscar"]["training_args"] \
         else set()
     return set(BERT_FIELDS) | layout | {"img_feature_dim", "use_img_layernorm", "img_layer_norm_eps", "add_pooler",
-                                        "oscar", "tie_word_embeddings", "dual_encoder", "match_head", "negatives"}
+                                        "oscar", "tie_word_embeddings", "dual_encoder", "match_head", "negatives",
+                                        "match_weight"}  # a matcher alone: its loss is the loss
 
 
 def to_mmcn_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
