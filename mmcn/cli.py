@@ -97,14 +97,16 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_oscar(args: argparse.Namespace) -> int:
-    from mmcn.data.features import export_oscar
+    from mmcn.data.oscar_export import OscarExportConfig, export_oscar
 
+    cfg = OscarExportConfig(tasks=tuple(args.tasks), labels=args.labels, splits=tuple(args.splits),
+                            captions_per_image=args.captions_per_image)
     try:
-        counts = export_oscar(args.features, args.out, args.splits or None)
-    except FileNotFoundError as e:
+        report = export_oscar(args.features, args.out, args.tsv, args.tags, cfg)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(counts))
+    print(json.dumps(report, ensure_ascii=False))
     return 0
 
 
@@ -383,11 +385,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default="", help="join this Ray cluster instead of starting a local one")
     p.set_defaults(func=_cmd_features)
 
-    p = sub.add_parser("export-oscar", help="feature shards -> Oscar's {split}.feature.tsv / {split}.label.tsv",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "export-oscar", help="feature shards + texts + tags -> task folders microsoft/Oscar's scripts read",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=("Write OUT/caption (run_captioning.py: {split}.yaml, .feature.tsv, .label.tsv, _caption.json, "
+                     "_caption_coco_format.json) and OUT/retrieval (run_retrieval.py: features.tsv, imageid2idx.json, "
+                     "predictions.tsv, {split}_captions.pt). The defaults are the folders `dvc repro` writes."))
     p.add_argument("--features", type=Path, required=True, help="feature shard folder (data/features)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--tsv", type=Path, default=Path("data/tsv"), help="Chinese-CLIP folder with {split}_texts.jsonl")
+    p.add_argument("--tags", type=Path, default=Path("data/labels_zh"), help="Chinese tags (translate stage)")
+    p.add_argument("--labels", choices=("zh", "en"), default="zh",
+                   help="label text per box: the Chinese tag or the detector's English class")
+    p.add_argument("--tasks", nargs="+", choices=("caption", "retrieval"), default=["caption", "retrieval"])
     p.add_argument("--splits", nargs="*", default=[], help="splits to export (default: all)")
+    p.add_argument("--captions-per-image", type=int, default=None,
+                   help="retrieval: Oscar's --num_captions_per_img_* (default: per split, the most common count); "
+                        "images with fewer captions are left out")
     p.set_defaults(func=_cmd_export_oscar)
 
     p = sub.add_parser(

@@ -1,14 +1,10 @@
-"""Region-feature shards: write/read round trip, random access, Oscar export round trip."""
+"""Region-feature shards: write/read round trip, random access (Oscar export: test_oscar_export.py)."""
 from __future__ import annotations
-
-import base64
-import json
 
 import numpy as np
 import pytest
 
 from mmcn.data import features as region_features
-from mmcn.data import tsv
 
 
 def record(image_id: int, n: int, rng: np.random.Generator) -> region_features.RegionFeatures:
@@ -58,25 +54,3 @@ def test_mismatched_record_is_refused(tmp_path):
         region_features.write_shard(region_features.shard_path(tmp_path, "test", 0), [bad])
     assert not list((tmp_path / "test").glob("*"))
 
-
-def test_oscar_export_round_trip(tmp_path):
-    rng = np.random.default_rng(2)
-    records = [record(7, 12, rng), record(3, 10, rng)]
-    region_features.write_shard(region_features.shard_path(tmp_path / "feat", "valid", 0), records)
-    assert region_features.export_oscar(tmp_path / "feat", tmp_path / "oscar") == {"valid": 2}
-    feat_tsv = tmp_path / "oscar" / "valid.feature.tsv"
-    label_tsv = tmp_path / "oscar" / "valid.label.tsv"
-    lines = feat_tsv.read_bytes().splitlines(keepends=True)
-    offsets = [int(x) for x in tsv.lineidx_path(feat_tsv).read_text().split()]
-    assert offsets == [0, len(lines[0])]
-    for line, labels, r in zip(lines, label_tsv.read_text(encoding="utf-8").splitlines(), records):
-        key, payload = line.decode().rstrip("\n").split("\t")
-        obj = json.loads(payload)
-        arr = np.frombuffer(base64.b64decode(obj["features"]), "<f4").reshape(obj["num_boxes"], 2054)
-        assert int(key) == r.image_id and obj["num_boxes"] == r.num_boxes
-        np.testing.assert_array_equal(arr, r.features)
-        lkey, lpayload = labels.split("\t")
-        boxes = json.loads(lpayload)
-        assert int(lkey) == r.image_id and [b["class"] for b in boxes] == r.classes
-        np.testing.assert_allclose([b["rect"] for b in boxes], r.boxes)
-        np.testing.assert_allclose(arr[:, 2048:2050] * [r.width, r.height], r.boxes[:, :2], rtol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -180,20 +181,63 @@ def test_same_input_gives_same_bytes_with_and_without_workers(messy, tmp_path):
     ingest(messy, b, IngestConfig(workers=2))
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
-    assert "train_imgs.tsv.lineidx" in names and "test_manifest.jsonl" in names
+    assert "train_imgs.lineidx" in names and "test_manifest.jsonl" in names
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def line_offsets(path: Path) -> list[int]:
+    starts, pos = [], 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        starts.append(pos)
+        pos += len(line)
+    return starts
+
+
+def oscar_lineidx(path: Path) -> Path:
+    """Where microsoft/Oscar's ``TSVFile`` looks for the index of ``path``."""
+    return Path(os.path.splitext(path)[0] + ".lineidx")
 
 
 def test_lineidx_offsets_point_at_line_starts(messy, tmp_path):
     out = tmp_path / "tsv"
     ingest(messy, out, IngestConfig(workers=1))
     path = tsv.imgs_path(out, "train")
-    data = path.read_bytes()
-    offsets = [int(x) for x in tsv.lineidx_path(path).read_text().split()]
-    assert offsets[0] == 0
-    assert all(data[o - 1: o] == b"\n" for o in offsets[1:])
-    assert len(offsets) == data.count(b"\n")
+    assert oscar_lineidx(path).name == "train_imgs.lineidx"
+    offsets = [int(x) for x in oscar_lineidx(path).read_text().split()]
+    assert offsets == line_offsets(path) and len(offsets) == 9
+    assert not list(out.glob("*.tsv.lineidx"))
+
+
+def test_tsv_writer_and_build_lineidx_use_oscars_name(tmp_path):
+    path = tmp_path / "train.feature.tsv"
+    Path(f"{path}.lineidx").write_text("0\n999\n")  # a stale index under the former name
+    with tsv.TsvWriter(path) as w:
+        for i in range(5):
+            w.write(i, b"x" * (i * 7))
+    assert oscar_lineidx(path) == tmp_path / "train.feature.lineidx"
+    assert [int(x) for x in oscar_lineidx(path).read_text().split()] == line_offsets(path)
+    assert not Path(f"{path}.lineidx").exists()
+    oscar_lineidx(path).unlink()
+    assert tsv.build_lineidx(path) == 5
+    assert [int(x) for x in oscar_lineidx(path).read_text().split()] == line_offsets(path)
+
+
+def test_folder_with_only_the_former_lineidx_name_still_reads(tmp_path):
+    images = {7: GOOD, 8: encode(scene(seed=12))}
+    write_clip(tmp_path / "clip", "valid", [b"%d\t" % i + base64.b64encode(d) for i, d in images.items()],
+               [{"text_id": 1, "text": "红色", "image_ids": [7]}])
+    path = tsv.imgs_path(tmp_path / "clip", "valid")
+    Path(f"{path}.lineidx").write_text("".join(f"{o}\n" for o in line_offsets(path)))
+    reader = tsv.TsvReader(path)
+    assert len(reader) == 2 and reader[1] == (8, images[8]) and dict(reader) == images
+    # Oscar's name wins when both are there
+    oscar_lineidx(path).write_text("0\n")
+    assert len(tsv.TsvReader(path)) == 1
+    Path(f"{path}.lineidx").unlink()
+    oscar_lineidx(path).unlink()
+    with pytest.raises(FileNotFoundError, match="valid_imgs.lineidx is missing"):
+        tsv.TsvReader(path)
 
 
 def test_unlisted_include_and_strict(messy, tmp_path):
@@ -309,8 +353,41 @@ def test_chinese_clip_folder_is_validated_and_indexed(tmp_path):
     # the output is itself a valid Chinese-CLIP folder: ingesting it again changes nothing
     again = tmp_path / "again"
     assert not ingest(out, again, IngestConfig(workers=1)).skips
-    for name in ("valid_imgs.tsv", "valid_imgs.tsv.lineidx", "valid_texts.jsonl"):
+    for name in ("valid_imgs.tsv", "valid_imgs.lineidx", "valid_texts.jsonl"):
         assert (again / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_chinese_clip_urlsafe_base64_is_accepted_and_stored_standard(tmp_path):
+    # images whose standard base64 has '+' or '/', so the url-safe text differs from it
+    images = {}
+    for seed in range(20, 60):
+        data = encode(scene(seed=seed))
+        if b"+" in base64.b64encode(data) and b"/" in base64.b64encode(data):
+            images[1000 + seed] = data
+        if len(images) == 3:
+            break
+    assert len(images) == 3
+    lines = [b"%d\t" % i + base64.urlsafe_b64encode(d) for i, d in images.items()]
+    assert all(b"-" in line and b"_" in line and b"+" not in line and b"/" not in line for line in lines)
+    write_clip(tmp_path / "clip", "train", lines + [b"5\t!!!not-base64!!!"],
+               [{"text_id": 1, "text": "图", "image_ids": list(images)}])
+    for workers in (1, 2):
+        out = tmp_path / f"tsv{workers}"
+        report = ingest(tmp_path / "clip", out, IngestConfig(workers=workers))
+        assert [(s.reason, s.line) for s in report.skips] == [("bad_base64", 4)]
+        assert dict(tsv.TsvReader(tsv.imgs_path(out, "train"))) == images
+        # stored in the standard alphabet, so every downstream reader sees one format
+        assert tsv.imgs_path(out, "train").read_bytes() == b"".join(
+            b"%d\t" % i + base64.b64encode(d) + b"\n" for i, d in images.items())
+
+
+def test_output_folder_gets_the_umask_mode(messy, tmp_path):
+    old = os.umask(0o027)
+    try:
+        ingest(messy, tmp_path / "out", IngestConfig(workers=1))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~0o027
 
 
 def test_unknown_source_layout_is_a_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Region-feature shards (Parquet) and their export to Oscar's ``*.feature.tsv``/``*.label.tsv``.
+"""Region-feature shards (Parquet): writer, readers, random access by image id.
 
 Layout: ``{root}/{split}/part-{k:05d}.parquet``, rows in the image order of the split's
 ``{split}_imgs.tsv``, ``shard_size`` images per shard, so file names and row order are
@@ -20,11 +20,11 @@ features        binary                           float32 little-endian n x 2054
 
 2054 = 2048 pooled RoI feature + ``[x1/W, y1/H, x2/W, y2/H, w/W, h/H]`` (see
 :func:`region_features`). A shard is written under a temporary name and renamed when
-complete, so an interrupted run leaves only whole shards behind.
+complete, so an interrupted run leaves only whole shards behind. Oscar's files are written
+from them by :mod:`mmcn.data.oscar_export`.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +33,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pybase64
 
-from mmcn.data import tsv
 from mmcn.data.splits import ordered
 
 POOLED_DIM = 2048
@@ -198,24 +196,3 @@ class FeatureStore:
             self._cached = (k, pq.read_table(self.paths[k], schema=SCHEMA))
         return _row_to_record(self._cached[1].slice(i, 1).to_pylist()[0])
 
-
-def export_oscar(root: Path, out: Path, splits: Iterable[str] | None = None) -> dict[str, int]:
-    """Write Oscar's ``{split}.feature.tsv`` and ``{split}.label.tsv`` (+ ``.lineidx``).
-
-    ``feature.tsv``: ``image_id\\t{"num_boxes": n, "features": base64 float32 LE n x 2054}``;
-    ``label.tsv``: ``image_id\\t[{"class", "rect": [x1, y1, x2, y2], "conf"}]``, the same
-    boxes in the same order. Returns images written per split.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split in splits or splits_in(root):
-        with tsv.TsvWriter(out / f"{split}.feature.tsv") as feats, tsv.TsvWriter(out / f"{split}.label.tsv") as labels:
-            for r in iter_split(root, split):
-                data = pybase64.b64encode(np.ascontiguousarray(r.features, dtype="<f4").tobytes()).decode()
-                feats.write(r.image_id, json.dumps({"num_boxes": r.num_boxes, "features": data}).encode())
-                boxes = [{"class": c, "rect": [float(v) for v in b], "conf": float(s)}
-                         for c, b, s in zip(r.classes, r.boxes.tolist(), r.class_conf.tolist())]
-                labels.write(r.image_id, json.dumps(boxes, ensure_ascii=False).encode())
-            counts[split] = len(feats)
-    return counts

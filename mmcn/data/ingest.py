@@ -1,5 +1,5 @@
 """Ingest: the raw layout, or an existing Chinese-CLIP dataset folder, into validated
-Chinese-CLIP files (``{split}_imgs.tsv`` + ``.lineidx``, ``{split}_texts.jsonl``), an image
+Chinese-CLIP files (``{split}_imgs.tsv`` + ``{split}_imgs.lineidx``, ``{split}_texts.jsonl``), an image
 manifest per split and ``ingest_report.json``.
 
 Ids are derived from content, so the same input always gives the same ids and bytes:
@@ -121,11 +121,13 @@ class _Shard:
 
 def _process(task: _Task, cfg: IngestConfig, shard: _Shard | None = None) -> _Result:
     """Read, hash, validate (or re-encode) one image; the payload goes to ``shard`` if given."""
+    urlsafe = False  # a url-safe base64 payload is stored re-encoded in the standard alphabet
     try:
         if task.length < 0:
             data = Path(task.path).read_bytes()
         else:
-            data = tsv.decode_b64(tsv.read_range(task.path, task.offset, task.length))
+            text = tsv.read_range(task.path, task.offset, task.length)
+            data, urlsafe = tsv.decode_b64(text), tsv.is_urlsafe_b64(text)
     except OSError as e:
         return _Result(error=("unreadable", f"{type(e).__name__}: {e.strerror or e}"))
     except ValueError as e:
@@ -139,7 +141,8 @@ def _process(task: _Task, cfg: IngestConfig, shard: _Shard | None = None) -> _Re
             payload = pybase64.b64encode(data)
         else:
             info = imagelib.inspect(data, max_pixels=cfg.max_pixels, full_decode=cfg.full_decode)
-            payload = pybase64.b64encode(data) if task.length < 0 else (task.path, task.offset, task.length)
+            payload = (pybase64.b64encode(data) if task.length < 0 or urlsafe
+                       else (task.path, task.offset, task.length))
     except imagelib.ImageError as e:
         return _Result(error=(e.reason, e.detail))
     if shard is not None and isinstance(payload, bytes):
@@ -428,6 +431,7 @@ def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> Inges
                                         "max_pixels": config.max_pixels})
         if out.exists():
             shutil.rmtree(out)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700: give it an ordinary new folder's mode
         os.replace(tmp, out)
     finally:
         runner.close()
@@ -436,6 +440,13 @@ def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> Inges
     if config.strict and report.skips:
         raise IngestError(report, out)
     return report
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _log_summary(report: IngestReport, elapsed: float) -> None:

@@ -1,9 +1,13 @@
-"""Chinese-CLIP dataset files: ``{split}_imgs.tsv`` (+ ``.lineidx``) and ``{split}_texts.jsonl``.
+"""Chinese-CLIP dataset files: ``{split}_imgs.tsv`` (+ ``{split}_imgs.lineidx``) and ``{split}_texts.jsonl``.
 
-``{split}_imgs.tsv``: ``<int image_id>\\t<base64 of the image file bytes>`` per line.
+``{split}_imgs.tsv``: ``<int image_id>\\t<base64 of the image file bytes>`` per line. mmcn writes
+the standard base64 alphabet; it reads the standard and the url-safe one (``-_``, what
+Chinese-CLIP's own reader, ``base64.urlsafe_b64decode``, expects).
 ``{split}_texts.jsonl``: ``{"text_id": int, "text": str, "image_ids": [int, ...]}`` per line.
-``*.lineidx``: the byte offset of every TSV line, one decimal number per line (Oscar's
-``TSVFile`` convention), for O(1) random access.
+``X.lineidx`` next to ``X.tsv``: the byte offset of every TSV line, one decimal number per
+line, for O(1) random access. The name is Oscar's ``TSVFile`` convention
+(``os.path.splitext(tsv)[0] + ".lineidx"``); readers also accept mmcn's former name,
+``X.tsv.lineidx``. Chinese-CLIP's scripts read no index at all.
 """
 from __future__ import annotations
 
@@ -31,7 +35,28 @@ def texts_path(root: Path, split: str) -> Path:
 
 
 def lineidx_path(tsv: Path) -> Path:
-    return tsv.with_name(tsv.name + ".lineidx")
+    """Where the index of ``tsv`` is written: ``X.tsv`` -> ``X.lineidx`` (as Oscar's ``TSVFile`` looks)."""
+    return Path(os.path.splitext(tsv)[0] + ".lineidx")
+
+
+def legacy_lineidx_path(tsv: Path) -> Path:
+    """mmcn's former index name, ``X.tsv.lineidx``: still read, never written."""
+    return Path(f"{tsv}.lineidx")
+
+
+def find_lineidx(tsv: Path) -> Path | None:
+    """The index of ``tsv`` to read: Oscar's name first, then the former one; None if neither."""
+    for idx in (lineidx_path(tsv), legacy_lineidx_path(tsv)):
+        if idx.is_file():
+            return idx
+    return None
+
+
+def _write_lineidx(tsv: Path, offsets: list[int]) -> None:
+    lineidx_path(tsv).write_text("".join(f"{o}\n" for o in offsets))
+    legacy = legacy_lineidx_path(tsv)
+    if legacy != lineidx_path(tsv):
+        legacy.unlink(missing_ok=True)  # a stale index of a former version of this file
 
 
 def splits_in(root: Path) -> list[str]:
@@ -93,7 +118,7 @@ class TsvWriter:
         self._f.close()
         for fd in self._sources.values():
             os.close(fd)
-        lineidx_path(self.path).write_text("".join(f"{o}\n" for o in self._offsets))
+        _write_lineidx(self.path, self._offsets)
 
     def __enter__(self) -> "TsvWriter":
         return self
@@ -140,7 +165,7 @@ def build_lineidx(tsv: Path) -> int:
         for line in f:
             offsets.append(pos)
             pos += len(line)
-    lineidx_path(tsv).write_text("".join(f"{o}\n" for o in offsets))
+    _write_lineidx(tsv, offsets)
     return len(offsets)
 
 
@@ -203,9 +228,10 @@ class TsvReader:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        idx = lineidx_path(self.path)
-        if not idx.is_file():
-            raise FileNotFoundError(f"{idx} is missing: run `mmcn ingest` on this folder to index it")
+        idx = find_lineidx(self.path)
+        if idx is None:
+            raise FileNotFoundError(f"{lineidx_path(self.path)} is missing: run `mmcn ingest` on this folder "
+                                    "to index it")
         self._offsets = np.loadtxt(idx, dtype=np.int64, ndmin=1) if idx.stat().st_size else np.zeros(0, np.int64)
         self._f = None
 
@@ -217,7 +243,11 @@ class TsvReader:
             self._f = open(self.path, "rb")
         self._f.seek(int(self._offsets[i]))
         key, _, payload = self._f.readline().rstrip(b"\r\n").partition(b"\t")
-        return int(key), pybase64.b64decode(payload)
+        try:
+            return int(key), decode_b64(payload)
+        except ValueError as e:
+            raise ValueError(f"{self.path}: line {i + 1} (image {key.decode(errors='replace')}): {e}; "
+                             "run `mmcn ingest` on this folder to validate it") from None
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         for i in range(len(self)):
@@ -227,12 +257,25 @@ class TsvReader:
         return {**self.__dict__, "_f": None}
 
 
-def decode_b64(payload: bytes) -> bytes:
-    """Strict base64 decode; raises ValueError with a short reason."""
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+def is_urlsafe_b64(payload: bytes) -> bool:
+    """True if ``payload`` uses the url-safe alphabet's ``-`` or ``_`` (so it is not standard base64)."""
+    return b"-" in payload or b"_" in payload
+
+
+def decode_b64(payload: bytes | memoryview) -> bytes:
+    """Strict base64 decode of the standard or the url-safe alphabet (Chinese-CLIP writes
+    either); raises ValueError with a short reason."""
     try:
         return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ValueError(f"invalid base64: {e}") from None
+        error = e
+    try:  # the fast path failed: url-safe (or mixed, as base64.urlsafe_b64decode accepts)?
+        return pybase64.b64decode(bytes(payload).translate(_URLSAFE_TO_STANDARD), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"invalid base64: {error}") from None
 
 
 def write_texts(path: Path, texts: list[Text]) -> None:
