@@ -73,6 +73,17 @@ def test_two_cpu_workers(ray_session, lmdb_dir, tmp_path):
     assert load_model(tmp_path / "model")[0] == "retrieval"
 
 
+def registered_checkpoints(storage: Path) -> int:
+    """Checkpoints Ray Train has recorded for the run (its controller's snapshot), not merely
+    copied into storage: a run killed between the two has nothing to resume from."""
+    for snapshot in storage.glob("caption-*/checkpoint_manager_snapshot.json"):
+        try:
+            return len(json.loads(snapshot.read_text()).get("checkpoint_results") or [])
+        except (json.JSONDecodeError, OSError):  # being written
+            return 0
+    return 0
+
+
 def test_killed_training_resumes_from_its_checkpoint(lmdb_dir, tmp_path):
     script = textwrap.dedent(f"""
         import ray
@@ -88,7 +99,7 @@ def test_killed_training_resumes_from_its_checkpoint(lmdb_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and len(list((tmp_path / "ray").glob("caption-*/checkpoint_*"))) < 2:
+    while time.time() < deadline and not registered_checkpoints(tmp_path / "ray"):
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray: killed mid-training
