@@ -100,7 +100,8 @@ def _cmd_export_oscar(args: argparse.Namespace) -> int:
     from mmcn.data.oscar_export import OscarExportConfig, export_oscar
 
     cfg = OscarExportConfig(tasks=tuple(args.tasks), labels=args.labels, splits=tuple(args.splits),
-                            captions_per_image=args.captions_per_image)
+                            captions_per_image=args.captions_per_image, pretrain_splits=tuple(args.pretrain_splits),
+                            corpus_name=args.corpus_name)
     try:
         report = export_oscar(args.features, args.out, args.tsv, args.tags, cfg)
     except (FileNotFoundError, ValueError) as e:
@@ -390,15 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=("Write OUT/caption (run_captioning.py: {split}.yaml, .feature.tsv, .label.tsv, _caption.json, "
                      "_caption_coco_format.json) and OUT/retrieval (run_retrieval.py: features.tsv, imageid2idx.json, "
-                     "predictions.tsv, {split}_captions.pt). The defaults are the folders `dvc repro` writes."))
+                     "predictions.tsv, {split}_captions.pt) and OUT/pretrain (run_oscarplus_pretrain.py "
+                     "--data_dir OUT/pretrain --dataset_file pretrain.yaml: corpus.tsv, NAME/features.tsv, "
+                     "NAME/predictions_gt.tsv, NAME/imageid2idx.json). The defaults are the folders `dvc repro` writes."))
     p.add_argument("--features", type=Path, required=True, help="feature shard folder (data/features)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--tsv", type=Path, default=Path("data/tsv"), help="Chinese-CLIP folder with {split}_texts.jsonl")
     p.add_argument("--tags", type=Path, default=Path("data/labels_zh"), help="Chinese tags (translate stage)")
     p.add_argument("--labels", choices=("zh", "en"), default="zh",
                    help="label text per box: the Chinese tag or the detector's English class")
-    p.add_argument("--tasks", nargs="+", choices=("caption", "retrieval"), default=["caption", "retrieval"])
-    p.add_argument("--splits", nargs="*", default=[], help="splits to export (default: all)")
+    p.add_argument("--tasks", nargs="+", choices=("caption", "retrieval", "pretrain"),
+                   default=["caption", "retrieval", "pretrain"])
+    p.add_argument("--splits", nargs="*", default=[], help="caption/retrieval: splits to export (default: all)")
+    p.add_argument("--pretrain-splits", nargs="+", default=["train"],
+                   help="pretrain: splits whose captioned images form the corpus")
+    p.add_argument("--corpus-name", choices=("coco", "flickr30k", "gqa"), default="coco",
+                   help="pretrain: the dataset name Oscar's reader files the corpus under (keys NAME_<image id>)")
     p.add_argument("--captions-per-image", type=int, default=None,
                    help="retrieval: Oscar's --num_captions_per_img_* (default: per split, the most common count); "
                         "images with fewer captions are left out")

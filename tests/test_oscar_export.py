@@ -183,3 +183,69 @@ def test_cli_defaults_and_missing_folders(data, tmp_path, monkeypatch, capsys):
     assert report["splits"]["test"]["images"] == 7
     assert (project / "oscar" / "caption" / "test.yaml").is_file()
     assert (project / "oscar" / "retrieval" / "test_captions.pt").is_file()
+
+
+def oscar_pretrain_samples(data_dir: Path, dataset_file: str) -> list[tuple[str, str, str, np.ndarray]]:
+    """(image key, text a, text b, features) of every corpus row, read the way Oscar's
+    OscarTSVDataset does: the yaml at data_dir/dataset_file; corpus_file and image_label_path
+    joined to the yaml's folder, image_feature_path to data_dir; keys split on '_' (first part
+    the dataset name, last part the id); predictions_gt.tsv / features.tsv (3 columns) reached
+    through each folder's imageid2idx.json; text b = the object classes joined by spaces."""
+    yaml_file = os.path.join(data_dir, dataset_file)
+    cfg = yaml.safe_load(open(yaml_file, encoding="utf-8"))
+    root = os.path.dirname(yaml_file)
+    names = cfg["corpus"].split("_")
+    samples = []
+    for row in oscar_rows(os.path.join(root, cfg["corpus_file"])):
+        img_info, label_info = row[0].split("_"), row[1].split("_")
+        assert img_info[0] == label_info[0] and img_info[0] in names
+        name = img_info[0]
+        label_dir = os.path.join(root, cfg["image_label_path"][name])
+        feat_dir = os.path.join(data_dir, cfg["image_feature_path"][name])
+        label_map = json.load(open(os.path.join(label_dir, "imageid2idx.json")))
+        feat_map = json.load(open(os.path.join(feat_dir, "imageid2idx.json")))
+        assert img_info[-1] in feat_map and img_info[-1] == label_info[-1]
+        assert len(row[2]) != 0
+        rowb = oscar_rows(os.path.join(label_dir, "predictions_gt.tsv"))[label_map[label_info[-1]]]
+        assert label_info[-1] == rowb[0]
+        results = json.loads(rowb[1])
+        assert {"image_h", "image_w", "objects"} <= set(results)
+        textb = " ".join(o["class"] for o in results["objects"])
+        assert len(textb) != 0
+        arr = oscar_rows(os.path.join(feat_dir, "features.tsv"))[feat_map[img_info[-1]]]
+        samples.append((row[0], row[2], textb, decode(arr[-1], int(arr[1]))))
+    return samples
+
+
+def test_pretraining_corpus_as_oscar_reads_it(tmp_path):
+    data = make_dataset(tmp_path / "src", split="train")
+    make_dataset(tmp_path / "src", split="test", n_images=3)  # not in the corpus by default
+    texts = list(data["texts"])
+    texts[0] = tsv.Text(texts[0].text_id, "一只\t猫\n在 桌上", texts[0].image_ids)  # would cut Oscar's row
+    tsv.write_texts(tsv.texts_path(data["tsv"], "train"), texts)
+    data["texts"] = texts
+    report = export_oscar(data["features"], tmp_path / "out", data["tsv"], data["tags"],
+                          OscarExportConfig(tasks=("pretrain",), corpus_name="flickr30k"))["pretrain"]
+    root = tmp_path / "out" / "pretrain"
+    samples = oscar_pretrain_samples(root, "pretrain.yaml")
+    caps = captions_by_image(data)
+    records = {r.image_id: r for r in data["records"]}
+    expected = [(f"flickr30k_{i}", c.replace("\t", " ").replace("\n", " ")) for i in data["ids"] for c in caps.get(i, [])]
+    assert [(key, a) for key, a, _, _ in samples] == expected
+    for key, _, b, features in samples:
+        r = records[int(key.split("_")[-1])]
+        assert b == " ".join(["红色 圆形"] * r.num_boxes)
+        np.testing.assert_array_equal(features, r.features)
+    assert report["images"] == len({k for k, _ in expected}) and report["captions"] == len(expected)
+    assert report["captions_whitespace_replaced"] == len(texts[0].image_ids)  # one corpus row per image
+    assert not (tmp_path / "out" / "caption").exists() and not (tmp_path / "out" / "retrieval").exists()
+
+
+def test_pretraining_corpus_needs_a_split(data, tmp_path):
+    report = export_oscar(data["features"], tmp_path / "out", data["tsv"], data["tags"])  # test split only
+    assert "has feature shards" in report["pretrain"]["skipped"]
+    with pytest.raises(ValueError, match="--pretrain-splits"):
+        export_oscar(data["features"], tmp_path / "p", data["tsv"], data["tags"], OscarExportConfig(tasks=("pretrain",)))
+    report = export_oscar(data["features"], tmp_path / "q", data["tsv"], data["tags"],
+                          OscarExportConfig(tasks=("pretrain",), pretrain_splits=("test",)))
+    assert report["pretrain"]["images_left_out_no_caption"] == 1  # data["uncaptioned"]

@@ -30,6 +30,26 @@ for every split (``--img_feat_file`` is one file and its folder holds the rest):
   ``num_captions_per_img``; counted too). The ``valid`` split's is also written as
   ``minival_captions.pt``, the name ``run_retrieval.py`` validates on during training.
 
+``{out}/pretrain/`` for ``oscar/run_oscarplus_pretrain.py`` (``OscarTSVDataset``; run it with
+``--data_dir {out}/pretrain --dataset_file pretrain.yaml``), from ``pretrain_splits`` only (the
+train split by default: test images stay out of the pretraining corpus):
+
+- ``pretrain.yaml``: ``corpus`` (the dataset name, ``corpus_name``: one of the single-folder
+  names Oscar's reader accepts, ``coco`` by default), ``corpus_file: corpus.tsv``,
+  ``image_label_path`` and ``image_feature_path``: ``{name: name}`` (the first is joined to the
+  yaml's folder, the second to ``--data_dir``: the same folder here);
+- ``corpus.tsv`` (+ ``corpus.lineidx``): one row per caption, ``{name}_{image_id}\t{name}_{image_id}\t
+  caption`` (image key, label key, text a; Oscar splits the keys on ``_`` and takes the last
+  part as the id). Tabs and line breaks inside a caption would cut Oscar's row: they become
+  spaces (counted);
+- ``{name}/features.tsv`` (3 columns, + ``.lineidx``), ``{name}/predictions_gt.tsv`` (+ ``.lineidx``):
+  ``image_id\t{"image_h", "image_w", "objects": [{"class", "rect", "conf"}]}`` (Oscar's text b is
+  the classes joined by spaces), both in the same row order, so one ``{name}/imageid2idx.json``
+  indexes both, as Oscar reads it for each.
+
+Only images with at least one caption and one labelled box are written (Oscar asserts a
+non-empty text a and text b); the others are counted.
+
 Label text (``labels``): ``"zh"``, the translate stage's Chinese tag of each box
 (:mod:`mmcn.data.tags`; boxes whose tag is empty are left out of the label lists), or
 ``"en"``, the detector's English class.
@@ -38,6 +58,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,8 +75,11 @@ from mmcn.data.tags import ImageTags, read_tags, tags_path
 
 log = logging.getLogger(__name__)
 
-TASKS = ("caption", "retrieval")
+TASKS = ("caption", "retrieval", "pretrain")
+# datasets that OscarTSVDataset reads from one folder (the others are chunked)
+PRETRAIN_NAMES = ("coco", "flickr30k", "gqa")
 LABEL_LANGUAGES = ("zh", "en")
+_ROW_BREAKS = re.compile(r"[\t\r\n]+")   # what cuts a row of Oscar's TSVFile (tab split, text-mode readline)
 
 
 @dataclass
@@ -64,6 +88,8 @@ class OscarExportConfig:
     labels: str = "zh"                       # "zh": Chinese tags per box; "en": English classes
     splits: tuple[str, ...] = ()             # () = every split of the features folder
     captions_per_image: int | None = None    # retrieval; None: per split, the most common count
+    pretrain_splits: tuple[str, ...] = ("train",)  # splits whose captioned images form the pretraining corpus
+    corpus_name: str = "coco"                # pretrain: Oscar's dataset name for the corpus (PRETRAIN_NAMES)
 
 
 def export_oscar(features: Path, out: Path, texts: Path | None, tags: Path | None,
@@ -78,25 +104,41 @@ def export_oscar(features: Path, out: Path, texts: Path | None, tags: Path | Non
     if unknown or cfg.labels not in LABEL_LANGUAGES:
         raise ValueError(f"tasks {sorted(unknown)} / labels {cfg.labels!r} unknown: tasks are {TASKS}, "
                          f"labels {LABEL_LANGUAGES}")
+    if cfg.corpus_name not in PRETRAIN_NAMES:
+        raise ValueError(f"corpus name {cfg.corpus_name!r}: Oscar's pretraining reader accepts {PRETRAIN_NAMES} "
+                         f"for a corpus in one folder; pick one of them")
     _require(features, "feature shard folder", "--features DIR (the features stage's data/features)")
     _require(texts, "texts folder", "--tsv DIR (the Chinese-CLIP folder with {split}_texts.jsonl, data/tsv)")
     if cfg.labels == "zh":
         _require(tags, "Chinese tags folder", "--tags DIR (the translate stage's data/labels_zh) or --labels en")
-    splits = list(cfg.splits) or splits_in(features)
-    if not splits:
+    if not splits_in(features):
         raise FileNotFoundError(f"no feature shards under {features}: run the features stage first")
-
+    task_splits = (list(cfg.splits) or splits_in(features)) if {"caption", "retrieval"} & set(cfg.tasks) else []
     report: dict = {"labels": cfg.labels, "splits": {}}
+    pretrain_splits = [s for s in cfg.pretrain_splits if s in splits_in(features)] if "pretrain" in cfg.tasks else []
+    if "pretrain" in cfg.tasks and not pretrain_splits:
+        why = (f"none of the splits {list(cfg.pretrain_splits)} has feature shards under {features}; "
+               f"name others with --pretrain-splits")
+        if cfg.tasks == ("pretrain",):
+            raise ValueError(f"pretrain: {why}")
+        log.warning("oscar export: no pretraining corpus: %s", why)
+        report["pretrain"] = {"skipped": why}
+    splits = task_splits + [s for s in pretrain_splits if s not in task_splits]
+
     caption_dir, retrieval_dir = out / "caption", out / "retrieval"
     for task, folder in (("caption", caption_dir), ("retrieval", retrieval_dir)):
         if task in cfg.tasks:
             folder.mkdir(parents=True, exist_ok=True)
     retrieval = _RetrievalImages(retrieval_dir) if "retrieval" in cfg.tasks else None
+    pretrain = _PretrainCorpus(out / "pretrain", cfg.corpus_name) if pretrain_splits else None
     try:
         for split in splits:
             captions = _captions_of(texts, split)
+            in_tasks = split in task_splits
             entry: dict = {}
-            caption = _CaptionSplit(caption_dir, split, captions) if "caption" in cfg.tasks else None
+            caption = _CaptionSplit(caption_dir, split, captions) if "caption" in cfg.tasks and in_tasks else None
+            to_retrieval = retrieval if in_tasks else None
+            to_pretrain = pretrain if split in pretrain_splits else None
             n_images = 0
             bar = tqdm(desc=f"oscar {split}", unit="img", leave=False, miniters=1000)
             for r, boxes in _labelled(features, split, tags if cfg.labels == "zh" else None):
@@ -104,15 +146,17 @@ def export_oscar(features: Path, out: Path, texts: Path | None, tags: Path | Non
                 data = pybase64.b64encode(np.ascontiguousarray(r.features, dtype="<f4").tobytes()).decode()
                 if caption is not None:
                     caption.add(r, data, boxes)
-                if retrieval is not None:
-                    retrieval.add(split, r, data, boxes)
+                if to_retrieval is not None:
+                    to_retrieval.add(split, r, data, boxes)
+                if to_pretrain is not None:
+                    to_pretrain.add(split, r, data, boxes, (captions or {}).get(r.image_id, ([], []))[1])
                 bar.update()
             bar.close()
             entry["images"] = n_images
             entry["texts"] = None if captions is None else len({t for ids, _ in captions.values() for t in ids})
             if caption is not None:
                 entry["caption"] = caption.close()
-            if retrieval is not None:
+            if to_retrieval is not None:
                 entry["retrieval"] = _write_retrieval_captions(retrieval_dir, split, captions, retrieval.ids_of(split),
                                                                cfg.captions_per_image)
             report["splits"][split] = entry
@@ -120,6 +164,13 @@ def export_oscar(features: Path, out: Path, texts: Path | None, tags: Path | Non
     finally:
         if retrieval is not None:
             retrieval.close()
+        if pretrain is not None:
+            report["pretrain"] = pretrain.close()
+    if pretrain is not None:
+        log.info("oscar export pretrain corpus: %s", report["pretrain"])
+        if not report["pretrain"]["captions"]:
+            raise ValueError(f"pretrain: no image of {pretrain_splits} has a caption and a labelled box, so the "
+                             f"corpus in {out / 'pretrain'} is empty (Oscar's reader would fail on it)")
     return report
 
 
@@ -233,6 +284,48 @@ class _RetrievalImages:
         self.feats.close()
         self.labels.close()
         _dump_json(self.root / "imageid2idx.json", self.index)
+
+
+class _PretrainCorpus:
+    """The Oscar+ pretraining folder: ``pretrain.yaml``, ``corpus.tsv`` and the image folder."""
+
+    def __init__(self, root: Path, name: str):
+        self.root, self.name = root, name
+        (root / name).mkdir(parents=True, exist_ok=True)
+        self.corpus = tsv.TsvWriter(root / "corpus.tsv")
+        self.feats = tsv.TsvWriter(root / name / "features.tsv")
+        self.labels = tsv.TsvWriter(root / name / "predictions_gt.tsv")
+        self.index: dict[str, int] = {}
+        self.counts = Counter()
+
+    def add(self, split: str, r: RegionFeatures, data: str, boxes: list[dict], captions: list[str]) -> None:
+        texts = [_ROW_BREAKS.sub(" ", c).strip() for c in captions]   # Oscar splits rows on these, strips fields
+        texts = [t for t in texts if t]
+        if not texts or not boxes:
+            self.counts["images_left_out_no_caption" if not texts else "images_left_out_no_label"] += 1
+            return
+        if str(r.image_id) in self.index:
+            raise ValueError(f"image {r.image_id} is in two pretraining splits: Oscar keys the corpus by image id; "
+                             f"name one split with --pretrain-splits")
+        self.counts["captions_whitespace_replaced"] += sum(t != c for t, c in zip(texts, captions))
+        self.index[str(r.image_id)] = len(self.feats)
+        self.feats.write(r.image_id, f"{r.num_boxes}\t{data}".encode())
+        self.labels.write(r.image_id, json.dumps({"image_h": r.height, "image_w": r.width, "objects": boxes},
+                                                 ensure_ascii=False).encode())
+        key = f"{self.name}_{r.image_id}"
+        for text in texts:
+            self.corpus.write(key, f"{key}\t{text}".encode())
+        self.counts["images"] += 1
+        self.counts["captions"] += len(texts)
+
+    def close(self) -> dict:
+        for writer in (self.corpus, self.feats, self.labels):
+            writer.close()
+        _dump_json(self.root / self.name / "imageid2idx.json", self.index)
+        spec = {"corpus": self.name, "corpus_file": "corpus.tsv",
+                "image_label_path": {self.name: self.name}, "image_feature_path": {self.name: self.name}}
+        (self.root / "pretrain.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+        return {"images": 0, "captions": 0, **dict(self.counts)}
 
 
 def _write_retrieval_captions(root: Path, split: str, captions: dict | None, image_ids: list[int],
