@@ -176,7 +176,8 @@ def _chain_settings(args: argparse.Namespace):
         params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
         feats, trans = params.get("features") or {}, params.get("translate") or {}
         chain = ChainConfig(ExtractConfig(**{k: feats[k] for k in ("min_boxes", "max_boxes", "score_thresh",
-                                                                  "nms_thresh", "batch_size") if k in feats}),
+                                                                  "nms_thresh", "batch_size", "min_side",
+                                                                  "max_pixels") if k in feats}),
                             TranslateConfig(**{k: trans[k] for k in ("unknown", "max_attributes") if k in trans}),
                             overrides=trans.get("overrides") or "",
                             max_side=(params.get("ingest") or {}).get("max_side"))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mmcn.data.features import RegionFeatures
-from mmcn.data.image import ImageError, normalize
+from mmcn.data.image import FEATURES_MAX_PIXELS, normalize
 from mmcn.data.raw import IMAGE_EXTENSIONS
 from mmcn.data.tags import ImageTags, tag_text
 from mmcn.models.inference import CaptionGenerator, Decoding, RetrievalEncoder, embed_images
@@ -134,11 +134,9 @@ class RegionChain:
 
     def _tensor(self, image: ImageInput):
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        if self.cfg.max_side:
-            try:
-                data = normalize(data, [], max_side=self.cfg.max_side, max_pixels=self.cfg.extract.max_pixels)[0]
-            except ImageError as e:
-                raise ValueError(str(e)) from None
+        if self.cfg.max_side:  # ImageError (a ValueError) says what is wrong, as in ingest and features
+            data = normalize(data, [], max_side=self.cfg.max_side, max_pixels=self.cfg.extract.max_pixels,
+                             setting=FEATURES_MAX_PIXELS)[0]
         return decode(data, self.cfg.extract)
 
     def __call__(self, images: Sequence[ImageInput]) -> list[Regions | Skipped]:

@@ -52,8 +52,8 @@ def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, 
     out = tmp_path / "features"
     cfg = ExtractConfig(min_boxes=3, max_boxes=5, shard_size=2, batch_size=2)
     report = extract_features(detector_dir, tsv_dir, out, cfg)
-    assert {(s["image_id"], s["reason"].split(":")[0]) for s in report["skipped"]} == {(13, "corrupt"),
-                                                                                      (14, "too_small")}
+    assert {(s["image_id"], s["reason"].split(":")[0]) for s in report["skipped"]} == {
+        (13, "not an image"), (14, "image of 1x1 is too small")}
     assert report["splits"]["train"]["images"] == 3 and report["splits"]["test"]["images"] == 1
     assert [p.name for p in region_features.shard_paths(out, "train")] == ["part-00000.parquet", "part-00001.parquet",
                                                              "part-00002.parquet"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 import mmcn
 from mmcn.cli import main
@@ -51,7 +52,7 @@ def test_a_bad_image_is_reported_not_fatal(chain_project, captioner, tmp_path):
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     good = sorted(raw_test_images(chain_project))[0]
     results = captioner.caption([bad, good])
-    assert results[0].error.startswith(("corrupt", "not_an_image")) and results[0].source == str(bad)
+    assert results[0].error.startswith("not an image: PIL recognises no image format") and results[0].source == str(bad)
     assert results[1].caption and not results[1].error
     with pytest.raises(ValueError, match="broken.jpg"):
         captioner([bad])
@@ -65,33 +66,37 @@ def test_expand_images_takes_files_directories_and_globs(chain_project, tmp_path
     assert [m.source for m in missing] == [str(tmp_path), str(tmp_path / "nope.jpg")]
 
 
-def write_params(path: Path) -> Path:
+def write_params(path: Path, **features) -> Path:
     """A params.yaml with the pipeline sections the CLI takes its chain settings from."""
     import yaml
 
     path.write_text(yaml.safe_dump({
-        "ingest": {"max_side": 48}, "features": {"min_boxes": 3, "max_boxes": 6, "batch_size": 4},
+        "ingest": {"max_side": 48}, "features": {"min_boxes": 3, "max_boxes": 6, "batch_size": 4, **features},
         "translate": {"overrides": CHAIN.overrides, "unknown": "keep", "max_attributes": 2},
         "caption": {"eval": {"num_beams": 2, "max_length": 8}}}))
     return path
 
 
 def test_cli_caption_prints_one_line_per_image_and_skips_bad_files(chain_project, captioner, tmp_path, capsys):
-    params = write_params(tmp_path / "params.yaml")
+    params = write_params(tmp_path / "params.yaml", max_pixels=50_000)
     bad = tmp_path / "empty.png"
     bad.write_bytes(b"")
+    big = tmp_path / "big.png"   # 320x240 = 76800 pixels, over the params' features.max_pixels
+    Image.new("RGB", (320, 240)).save(big)
     test_dir = chain_project / "raw/test/images"
     models = chain_project / "models"
     common = ["--model", str(models / "caption"), "--detector", str(models / "detector"), "--params", str(params),
               "--device", "cpu"]
-    code = main(["caption", str(test_dir / "00000[0-2].jpg"), str(bad), *common])
+    code = main(["caption", str(test_dir / "00000[0-2].jpg"), str(bad), str(big), *common])
     out, err = capsys.readouterr()
     assert code == 1  # something was skipped
     lines = [line.split("\t") for line in out.splitlines()]
     expected = captioner.caption(sorted(test_dir.glob("00000[0-2].jpg")))
     assert [(path, caption) for path, caption, _ in lines] == [(r.source, r.caption) for r in expected]
     assert all(float(score) < 0 for _, _, score in lines)
-    assert f"skipped {bad}: " in err
+    assert f"skipped {bad}: empty file (0 bytes)\n" in err  # the words ingest and features use too
+    assert (f"skipped {big}: image of 320x240 = 0.077 MP exceeds max_pixels=50000: raise features.max_pixels or "
+            "downscale it\n") in err
 
     assert main(["caption", str(test_dir), "--json", *common]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -394,3 +395,161 @@ def test_unknown_source_layout_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither the raw layout"):
         ingest(tmp_path / "empty", tmp_path / "o")
+
+
+# --------------------------------------------------------------------------- inputs that used to abort a whole run
+
+DEEP = "[" * 10_000 + "]" * 10_000   # deeper than Python's recursion limit
+
+
+def test_any_json_error_skips_its_line_only(tmp_path):
+    write_raw(tmp_path / "raw", "train", {"a.jpg": GOOD, "b.jpg": encode(scene(seed=13))}, [
+        rec("a.jpg", "好"),
+        '{"image": "b.jpg", "captions": ' + DEEP + "}",
+        '{"image": "b.jpg", "captions": ["\\ud800"]}',      # a lone surrogate: no UTF-8 file can hold it
+        '{"image": "b.jpg", "captions": [' + "1" * 5000 + "]}",  # more digits than int() converts
+    ])
+    report = ingest(tmp_path / "raw", tmp_path / "o", IngestConfig(workers=1))
+    assert [(s.reason, s.line) for s in report.skips if s.file == "train/captions.jsonl"] == [
+        ("malformed_json", 2), ("malformed_json", 3), ("malformed_json", 4)]
+    details = [s.detail for s in report.skips if s.file == "train/captions.jsonl"]
+    assert "recursion limit" in details[0] and "surrogate" in details[1]
+    assert report.splits["train"].images_written == 1
+    json.loads((tmp_path / "o" / "ingest_report.json").read_text(encoding="utf-8"))
+
+    write_clip(tmp_path / "clip", "valid", [b"7\t" + base64.b64encode(GOOD)],
+               [{"text_id": 1, "text": "红色", "image_ids": [7]}, '{"text_id": 2, "text": ' + DEEP + "}",
+                '{"text_id": 3, "text": "\\ud800", "image_ids": [7]}'])
+    report = ingest(tmp_path / "clip", tmp_path / "o2", IngestConfig(workers=1))
+    assert [(s.reason, s.line) for s in report.skips] == [("malformed_json", 2), ("malformed_json", 3)]
+    assert [t.text_id for t in tsv.read_texts(tsv.texts_path(tmp_path / "o2", "valid"))] == [1]
+
+
+def test_file_names_that_are_not_utf8_are_reported_escaped(tmp_path):
+    write_raw(tmp_path / "raw", "train", {"good.jpg": GOOD}, [rec("good.jpg", "好")])
+    images = os.fsencode(tmp_path / "raw" / "train" / "images")
+    os.mkdir(os.path.join(images, b"dir\xfe"))
+    for name in (b"bad\xff.jpg", b"dir\xfe/x.png"):
+        with open(os.path.join(images, name), "wb") as f:
+            f.write(encode(scene(seed=14)))
+    for unlisted in ("skip", "include"):
+        out = tmp_path / f"o-{unlisted}"
+        report = ingest(tmp_path / "raw", out, IngestConfig(workers=1, unlisted=unlisted))
+        assert {(s.reason, s.file) for s in report.skips} == {
+            ("bad_file_name", "train/images/bad\\xff.jpg"), ("bad_file_name", "train/images/dir\\xfe/x.png")}
+        assert report.splits["train"].images_written == 1 and report.splits["train"].images_seen == 3
+        assert "bad\\\\xff.jpg" in (out / "ingest_report.json").read_text(encoding="utf-8")
+
+    write_clip(tmp_path / "clip", "valid", [b"7\t" + base64.b64encode(GOOD)], [])
+    with open(os.path.join(os.fsencode(tmp_path / "clip"), b"v\xffl_imgs.tsv"), "wb") as f:
+        f.write(b"8\t" + base64.b64encode(GOOD) + b"\n")
+    report = ingest(tmp_path / "clip", tmp_path / "o-clip", IngestConfig(workers=1))
+    assert [(s.reason, s.file) for s in report.skips] == [("bad_file_name", "v\\xffl_imgs.tsv")]
+    assert report.splits["valid"].images_written == 1
+
+
+def test_chinese_clip_ids_must_be_canonical_int64(tmp_path):
+    keys = [b"42", b"100000000000000000000000", b"1_000", b"+5", b" 7", b"007", b"-0", b"1.0",
+            b"9223372036854775808", b"-9223372036854775808"]
+    write_clip(tmp_path / "clip", "train", [key + b"\t" + base64.b64encode(encode(scene(seed=20 + i)))
+                                            for i, key in enumerate(keys)], [
+        {"text_id": 1, "text": "好", "image_ids": [42]},
+        {"text_id": 10 ** 23, "text": "大", "image_ids": [42]},
+        {"text_id": 3, "text": "大图", "image_ids": [42, 10 ** 23]},
+        {"text_id": 4, "text": "浮点", "image_ids": [1.0]},
+        {"text_id": True, "text": "布尔", "image_ids": [42]},
+    ])
+    report = ingest(tmp_path / "clip", tmp_path / "o", IngestConfig(workers=1))
+    bad_ids = {s.line: s.detail for s in report.skips if s.file == "train_imgs.tsv"}
+    assert set(bad_ids) == set(range(2, 10)) and all(s.reason == "bad_id" for s in report.skips
+                                                     if s.file == "train_imgs.tsv")
+    assert "64-bit" in bad_ids[2] and "64-bit" in bad_ids[9]
+    assert "write it 1000" in bad_ids[3] and "write it 5" in bad_ids[4] and "write it 7" in bad_ids[5]
+    assert "not an integer" in bad_ids[8]
+    assert [i for i, _ in tsv.TsvReader(tsv.imgs_path(tmp_path / "o", "train"))] == [42, -(2 ** 63)]
+    assert {(s.reason, s.line) for s in report.skips if s.file == "train_texts.jsonl"} == {
+        ("bad_id", 2), ("bad_id", 3), ("bad_record", 4), ("bad_record", 5)}
+
+
+# --------------------------------------------------------------------------- leftovers of killed runs
+
+NEVER_A_PID = 4_194_304  # Linux's PID_MAX_LIMIT: pids stay below it
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="pids are checked the POSIX way; Linux assumed for the limit")
+def test_temp_folders_of_dead_ingests_are_removed_live_ones_kept(messy, tmp_path, caplog):
+    dead = tmp_path / f".tsv.tmp-{NEVER_A_PID}-abc123"
+    live = tmp_path / f".tsv.tmp-{os.getppid()}-def456"   # the parent of this test process: alive
+    other = tmp_path / f".other.tmp-{NEVER_A_PID}-abc123"  # another output's: not ingest's to judge
+    for folder in (dead, live, other):
+        (folder / ".shards").mkdir(parents=True)
+        (folder / ".shards" / "shard-1.b64").write_bytes(b"x" * 1000)
+    with caplog.at_level("INFO", logger="mmcn.data.ingest"):
+        ingest(messy, tmp_path / "tsv", IngestConfig(workers=2))
+    assert not dead.exists() and live.is_dir() and other.is_dir()
+    assert any(str(NEVER_A_PID) in r.getMessage() and "killed" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, other.name, "raw", "tsv"])  # this run's temp folder is gone too
+
+
+def test_output_is_replaced_by_renames_never_deleted_first(messy, tmp_path, monkeypatch):
+    out = tmp_path / "tsv"
+    ingest(messy, out, IngestConfig(workers=1))
+    (out / "from-the-last-run.txt").write_text("old")
+    deleted = []
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):  # the output must be complete whenever anything is deleted
+        deleted.append((Path(path).name, (out / "ingest_report.json").is_file()))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    ingest(messy, out, IngestConfig(workers=1))
+    assert deleted and all(name != "tsv" and complete for name, complete in deleted), deleted
+    assert not (out / "from-the-last-run.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "tsv"]
+
+
+# --------------------------------------------------------------------------- what is wrong with an image, in words
+
+def png_of_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = bytearray(data[16:29])
+    ihdr[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def test_unusable_images_are_described_in_words_the_same_in_ingest_and_features(tmp_path):
+    from mmcn.vision.extract import ExtractConfig, decode
+
+    cases = {  # file -> (reason, message); "{setting}": the limit the user can raise
+        "empty.jpg": (b"", "empty_file", "empty file (0 bytes)"),
+        "huge.png": (png_of_size(12000, 9000), "too_many_pixels",
+                     "image of 12000x9000 = 108 MP exceeds max_pixels=89478485: raise {setting} or downscale it"),
+        "text.jpg": (b"plain text\n", "not_an_image",
+                     "not an image: PIL recognises no image format in it (it starts with b'plain text\\n')"),
+        "cut.jpg": (TRUNCATED, "truncated", "truncated JPEG: image file is truncated"),
+    }
+    write_raw(tmp_path / "raw", "train", {name: data for name, (data, _, _) in cases.items()},
+              [rec(name, "图") for name in cases])
+    report = ingest(tmp_path / "raw", tmp_path / "o", IngestConfig(workers=1, full_decode=True))
+    got = {s.file.rsplit("/", 1)[-1]: (s.reason, s.detail) for s in report.skips}
+    for name, (data, reason, message) in cases.items():
+        assert got[name][0] == reason
+        assert got[name][1].startswith(message.format(setting="ingest.max_pixels (or --max-pixels)")), got[name]
+        with pytest.raises(ValueError) as err:
+            decode(data, ExtractConfig())
+        assert str(err.value).startswith(message.format(setting="features.max_pixels")), str(err.value)
+        assert err.value.reason == reason
+
+
+def test_a_raised_max_pixels_is_honoured_past_pils_own_limit():
+    from mmcn.data.image import inspect
+
+    data = encode(Image.new("L", (20000, 10000)), "PNG")  # 200 MP: PIL alone refuses it (its limit is 179 MP)
+    assert inspect(data, max_pixels=250_000_000).width == 20000
+    with pytest.raises(ValueError, match="= 200 MP exceeds max_pixels=190000000"):
+        inspect(data, max_pixels=190_000_000)

@@ -4,6 +4,14 @@ Validation reads the header (format, size, mode) and checks that the file ends w
 format says it should (JPEG EOI, PNG IEND, GIF trailer); only files that do not, or
 formats without such a marker, are fully decoded. That catches truncated, empty and
 non-image files at a small fraction of a decode's cost.
+
+This module is the one home of "why is this file not a usable image": ingest
+(:func:`inspect`, :func:`normalize`), features and ``mmcn caption`` (:func:`decode_rgb`) all
+raise :class:`ImageError`, whose message says what is wrong and what to do, e.g.
+``empty file (0 bytes)``, ``truncated JPEG: …``, ``not an image: …`` or
+``image of 12000x9000 = 108 MP exceeds max_pixels=89478485: raise ingest.max_pixels (or
+--max-pixels) or downscale it``. The pixel limit is mmcn's own (``max_pixels``); PIL's
+decompression-bomb limit never decides.
 """
 from __future__ import annotations
 
@@ -18,13 +26,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
 EXIF_ORIENTATION = 0x0112
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own warning threshold (about 9459 x 9459)
+INGEST_MAX_PIXELS = "ingest.max_pixels (or --max-pixels)"   # the setting named when ingest's limit refuses
+FEATURES_MAX_PIXELS = "features.max_pixels"                 # ... when the detector's limit refuses
 
 
-class ImageError(Exception):
-    """A file that is not a usable image; ``reason`` is a short machine-readable tag."""
+class ImageError(ValueError):
+    """A file that is not a usable image: ``reason`` is a short machine-readable tag
+    (``empty_file``, ``not_an_image``, ``truncated``, ``corrupt``, ``too_many_pixels``,
+    ``too_small``), ``detail`` (also ``str(error)``) says what is wrong in words."""
 
     def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(detail)
         self.reason = reason
         self.detail = detail
 
@@ -37,40 +49,69 @@ class ImageInfo:
     mode: str
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def _megapixels(pixels: int) -> str:
+    mp = pixels / 1e6
+    return f"{mp:.0f} MP" if mp >= 10 else f"{mp:.2g} MP"
+
+
+def too_many_pixels(width: int, height: int, max_pixels: int, setting: str) -> ImageError:
+    return ImageError("too_many_pixels", f"image of {width}x{height} = {_megapixels(width * height)} exceeds "
+                                         f"max_pixels={max_pixels}: raise {setting} or downscale it")
+
+
+def _pil_open(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns about odd metadata and large images
+        try:
+            return Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            pass
+        # PIL's own limit (2x its MAX_IMAGE_PIXELS) refused the header before mmcn's limit could
+        # decide: read the header without it (a header only; nothing is decoded here)
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def _open(data: bytes, max_pixels: int | None, setting: str = INGEST_MAX_PIXELS) -> Image.Image:
+    """The header of ``data`` (nothing decoded yet); ``max_pixels`` None/0: PIL's own limit."""
     if not data:
-        raise ImageError("empty_file", "file has zero bytes")
+        raise ImageError("empty_file", "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ImageError("too_many_pixels", str(e)) from None
+        img = _pil_open(data)
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", "not a format PIL can read") from None
+        raise ImageError("not_an_image", f"not an image: PIL recognises no image format in it "
+                                         f"(it starts with {bytes(data[:16])!r})") from None
     except Exception as e:  # PIL raises assorted errors on mangled headers
-        raise ImageError("corrupt", f"{type(e).__name__}: {e}") from None
+        raise ImageError("corrupt", f"corrupt image header: {type(e).__name__}: {e}") from None
     w, h = img.size
     if w <= 0 or h <= 0:
-        raise ImageError("corrupt", f"size {w}x{h}")
-    if w * h > max_pixels:
-        raise ImageError("too_many_pixels", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+        raise ImageError("corrupt", f"corrupt {img.format or 'image'} header: size {w}x{h}")
+    limit = max_pixels or (2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 0)
+    if limit and w * h > limit:
+        raise too_many_pixels(w, h, limit, setting)
     return img
 
 
 def _decode(img: Image.Image) -> None:
+    fmt = img.format or "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
     except Exception as e:
-        reason = "truncated" if "truncat" in str(e).lower() or isinstance(e, EOFError) else "corrupt"
-        raise ImageError(reason, f"{type(e).__name__}: {e}") from None
+        if "truncat" in str(e).lower() or isinstance(e, EOFError):
+            raise ImageError("truncated", f"truncated {fmt}: {e}") from None
+        raise ImageError("corrupt", f"corrupt {fmt}: {type(e).__name__}: {e}") from None
 
 
-def inspect(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False) -> ImageInfo:
-    """Validate ``data`` as an image and return its header facts; raises :class:`ImageError`."""
-    img = _open(data, max_pixels)
+def inspect(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False,
+            setting: str = INGEST_MAX_PIXELS) -> ImageInfo:
+    """Validate ``data`` as an image and return its header facts; raises :class:`ImageError`
+    (``setting``: the knob its too-many-pixels message tells the user to raise)."""
+    img = _open(data, max_pixels, setting)
     marker = _END_MARKERS.get(img.format or "")
     if full_decode or marker is None or not data.rstrip(b"\x00").endswith(marker):
         _decode(img)  # decides between "complete with trailing bytes" and truncated/corrupt
@@ -116,10 +157,12 @@ def map_box_orientation(box: list[float], orientation: int, width: int, height: 
 
 
 def normalize(data: bytes, boxes: list[list[float]], *, max_side: int, quality: int = 95,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, ImageInfo, list[list[float]]]:
+              max_pixels: int = DEFAULT_MAX_PIXELS,
+              setting: str = INGEST_MAX_PIXELS) -> tuple[bytes, ImageInfo, list[list[float]]]:
     """Re-encode ``data`` as an RGB JPEG with EXIF orientation applied and the longer side at
-    most ``max_side`` (never upscaled); ``boxes`` are mapped onto the new pixel grid."""
-    img = _open(data, max_pixels)
+    most ``max_side`` (never upscaled); ``boxes`` are mapped onto the new pixel grid. Raises
+    :class:`ImageError` (``setting`` as for :func:`inspect`)."""
+    img = _open(data, max_pixels, setting)
     _decode(img)
     src_w, src_h = img.size
     orientation = img.getexif().get(EXIF_ORIENTATION, 1)
@@ -137,21 +180,21 @@ def normalize(data: bytes, boxes: list[list[float]], *, max_side: int, quality: 
     return buf.getvalue(), ImageInfo(nw, nh, "JPEG", "RGB"), boxes
 
 
-def decode_rgb(data: bytes, max_pixels: int | None = None, min_side: int = 0):
+def decode_rgb(data: bytes, max_pixels: int | None = None, min_side: int = 0,
+               setting: str = FEATURES_MAX_PIXELS):
     """Image bytes -> uint8 RGB torch tensor (3, H, W), as the detector reads it: no EXIF
-    rotation (boxes follow the file). Raises ``ValueError("reason: detail")`` with reason
-    ``too_many_pixels``, ``too_small`` or ``corrupt``."""
+    rotation (boxes follow the file). Raises :class:`ImageError` (a ValueError), as
+    :func:`inspect` does, plus reason ``too_small`` for a side under ``min_side``
+    (``features.min_side``); ``max_pixels`` None/0: PIL's decompression-bomb limit."""
     import torch
 
+    img = _open(data, max_pixels, setting)
+    if min(img.size) < min_side:
+        raise ImageError("too_small", f"image of {img.width}x{img.height} is too small: a side under "
+                                      f"features.min_side={min_side}")
+    _decode(img)
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if max_pixels and img.width * img.height > max_pixels:
-                raise ValueError(f"too_many_pixels: {img.width}x{img.height}")
-            if min(img.size) < min_side:
-                raise ValueError(f"too_small: {img.width}x{img.height}")
-            arr = np.asarray(img.convert("RGB"))
-    except ValueError:
-        raise
-    except Exception as e:  # PIL's assorted decode errors
-        raise ValueError(f"corrupt: {type(e).__name__}: {e}") from None
+        arr = np.asarray(img.convert("RGB"))
+    except Exception as e:  # PIL's assorted conversion errors
+        raise ImageError("corrupt", f"corrupt {img.format or 'image'}: {type(e).__name__}: {e}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)

@@ -7,20 +7,23 @@ an image's id is the first 48 bits of the sha256 of its original bytes (identica
 share one id, the duplicate is reported and its captions merged onto the kept image); a
 text's id is the first 48 bits of the sha256 of its UTF-8 text (identical captions in a
 split become one text whose ``image_ids`` lists every image it describes). Ids of a
-Chinese-CLIP folder are kept as they are.
+Chinese-CLIP folder are kept as they are; an image id must be a signed 64-bit integer in
+canonical decimal form (:func:`parse_image_id`), a text's ids signed 64-bit integers.
 
 Bad input never aborts the run: every skipped file, line, caption or object is recorded in
-the report with its file, line and reason; ``strict`` turns any skip into an error after
+the report with its file, line and reason (a file name that is not UTF-8 shown with
+backslash escapes); ``strict`` turns any skip into an error after
 the outputs and report are written.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import itertools
-import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -37,7 +40,8 @@ from mmcn.data import image as imagelib
 from mmcn.data import raw, tsv
 from mmcn.data.manifest import ManifestEntry, manifest_path, write_manifest
 from mmcn.data.chain import write_chain
-from mmcn.data.ingest_report import IngestReport, Skip
+from mmcn.data.ingest_report import IngestReport, Skip, printable
+from mmcn.data.jsonl import loads
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,35 @@ class IngestError(RuntimeError):
 def content_id(data: bytes) -> int:
     """A stable 48-bit integer id (exact in JSON and JavaScript) from content bytes."""
     return int.from_bytes(hashlib.sha256(data).digest()[:6], "big")
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_CANONICAL_INT = re.compile(rb"(0|-?[1-9][0-9]*)")
+
+
+def parse_image_id(key: bytes) -> int | str:
+    """The image id of a ``{split}_imgs.tsv`` key, or why it is not one.
+
+    Chinese-CLIP keeps the key as a string and finds an image by ``str(image_id)`` of the int in
+    ``{split}_texts.jsonl``, so only the canonical decimal form can ever match: digits with an
+    optional ``-``, and none of the ``+``, leading zeros, spaces or ``_`` that Python's ``int``
+    also takes; and the id must fit a signed 64-bit integer (the LMDB and Arrow columns).
+    """
+    shown = _shorten(key.decode("utf-8", "backslashreplace"))
+    if not _CANONICAL_INT.fullmatch(key):
+        try:
+            value = int(key)
+        except ValueError:
+            return f"image id {shown!r} is not an integer"
+        return (f"image id {shown!r} is not in canonical form: write it {_shorten(str(value))} (Chinese-CLIP "
+                "matches ids as text, so no '+', leading zeros, spaces or '_')")
+    if len(key) > 20 or not INT64_MIN <= int(key) <= INT64_MAX:  # 20: "-" and int64's 19 digits
+        return f"image id {shown} is outside the signed 64-bit range"
+    return int(key)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------- worker side
@@ -302,7 +335,11 @@ def _ingest_raw_split(src: Path, split: str, writer: _SplitWriter, runner: _Runn
         writer.report.skip(s)
     counts = writer.counts
     listed = {r.image for r in records}
-    unlisted = [f for f in raw.list_images(split_dir) if f not in listed]
+    found, bad_names = raw.list_images(split_dir)
+    unlisted = [f for f in found if f not in listed]
+    for f in bad_names:
+        writer.report.skip(Skip(split, "bad_file_name", f"{split}/{raw.IMAGES_DIR}/{f}", 0,
+                                "the file name is not valid UTF-8 (shown with \\x escapes): rename it"))
     if not (split_dir / raw.CAPTIONS_FILE).is_file():
         writer.report.notes.append(f"[{split}] no {raw.CAPTIONS_FILE}: every image is unlisted")
     if cfg.unlisted == "include":
@@ -311,7 +348,7 @@ def _ingest_raw_split(src: Path, split: str, writer: _SplitWriter, runner: _Runn
         for f in unlisted:
             writer.report.skip(Skip(split, "unlisted", f"{split}/{raw.IMAGES_DIR}/{f}", 0,
                                     f"not named in {raw.CAPTIONS_FILE}; add a line for it or set unlisted: include"))
-    counts.images_seen = len(records) + len(unlisted) * (cfg.unlisted == "skip") + sum(
+    counts.images_seen = len(records) + len(unlisted) * (cfg.unlisted == "skip") + len(bad_names) + sum(
         s.reason in ("malformed_json", "bad_record", "outside_images", "missing_file") for s in skips)
     counts.captions_seen = sum(len(r.captions) for r in records) + sum(
         s.reason in ("empty_caption", "bad_caption") for s in skips)
@@ -324,24 +361,21 @@ def _ingest_raw_split(src: Path, split: str, writer: _SplitWriter, runner: _Runn
 def _ingest_clip_split(src: Path, split: str, writer: _SplitWriter, runner: _Runner) -> None:
     imgs = tsv.imgs_path(src, split)
     name = imgs.name
-    keys: list[tuple[int, int | None]] = []   # (line, id or None when the id is bad)
+    keys: list[tuple[int, int | str]] = []   # (line, id, or why the key is not one)
 
     def tasks() -> Iterator[_Task]:
         for line_no, key, offset, length in tsv.iter_tsv(imgs):
-            try:
-                image_id = int(key)
-            except ValueError:
-                image_id = None
+            image_id = parse_image_id(key)
             keys.append((line_no, image_id))
-            yield _Task(str(imgs), offset, length if image_id is not None else 0)
+            yield _Task(str(imgs), offset, length if isinstance(image_id, int) else 0)
 
     total = sum(1 for _ in open(imgs, "rb"))
     id_map: dict[int, int] = {}   # every accepted id (duplicates too) -> the id stored
     for i, result in enumerate(runner.map(tasks(), total, f"ingest {split}")):
         line_no, image_id = keys[i]
         writer.counts.images_seen += 1
-        if image_id is None:
-            writer.report.skip(Skip(split, "bad_id", name, line_no, "image id is not an integer"))
+        if isinstance(image_id, str):
+            writer.report.skip(Skip(split, "bad_id", name, line_no, image_id))
             continue
         stored = writer.add(result, name, line_no, [], [], image_id=image_id, source=f"{name}:{line_no}")
         if stored is not None:
@@ -366,8 +400,8 @@ def _read_clip_texts(src: Path, split: str, id_map: dict[int, int], writer: _Spl
                 continue
             writer.counts.captions_seen += 1
             try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                obj = loads(line)
+            except ValueError as e:
                 skip(line_no, "malformed_json", str(e))
                 continue
             ids = obj.get("image_ids", []) if isinstance(obj, dict) else None
@@ -375,6 +409,10 @@ def _read_clip_texts(src: Path, split: str, id_map: dict[int, int], writer: _Spl
                     or not isinstance(obj.get("text"), str) or not isinstance(ids, list)
                     or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
                 skip(line_no, "bad_record", 'expected {"text_id": int, "text": str, "image_ids": [int]}')
+                continue
+            wide = [i for i in [obj["text_id"], *ids] if not INT64_MIN <= i <= INT64_MAX]
+            if wide:
+                skip(line_no, "bad_id", f"id {_shorten(str(wide[0]))} is outside the signed 64-bit range")
                 continue
             if not obj["text"].strip():
                 skip(line_no, "empty_caption", f"text_id {obj['text_id']} has an empty text")
@@ -400,39 +438,45 @@ def _read_clip_texts(src: Path, split: str, id_map: dict[int, int], writer: _Spl
 def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> IngestReport:
     """Ingest ``src`` (raw layout or Chinese-CLIP folder) into ``out``; returns the report.
 
-    ``out`` is replaced as a whole, and only once everything is written. Raises
+    Everything is written into a temp folder beside ``out`` (``.{out}.tmp-{pid}-*``, removed
+    by the next ingest if this process dies), which then replaces ``out``: the old ``out`` is
+    renamed aside, the new one renamed in, and only then the old one deleted. Raises
     :class:`IngestError` in strict mode when anything was skipped (outputs still written).
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise FileNotFoundError(f"ingest source {src} is not a directory")
+        raise FileNotFoundError(f"ingest source {printable(src)} is not a directory")
     if src.resolve() == out.resolve():
-        raise ValueError(f"ingest output {out} must differ from the source folder")
+        raise ValueError(f"ingest output {printable(out)} must differ from the source folder")
     if raw.is_raw_layout(src):
         source_format, splits, run_split = "raw", raw.splits_in(src), _ingest_raw_split
     elif tsv.is_chinese_clip_layout(src):
         source_format, splits, run_split = "chinese-clip", tsv.splits_in(src), _ingest_clip_split
     else:
-        raise ValueError(f"{src} holds neither the raw layout ({'/'.join(raw.SPLITS)}/{raw.CAPTIONS_FILE} + "
-                         f"images/) nor a Chinese-CLIP dataset ({{split}}_imgs.tsv + {{split}}_texts.jsonl)")
+        raise ValueError(f"{printable(src)} holds neither the raw layout ({'/'.join(raw.SPLITS)}/"
+                         f"{raw.CAPTIONS_FILE} + images/) nor a Chinese-CLIP dataset ({{split}}_imgs.tsv + "
+                         "{split}_texts.jsonl)")
     start = time.perf_counter()
-    report = IngestReport(source=str(src), source_format=source_format)
+    report = IngestReport(source=printable(src), source_format=source_format)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     seen_elsewhere: dict[str, tuple[str, str]] = {}
     runner = _Runner(config, tmp / ".shards")
     try:
         for split in splits:
+            if printable(split) != split:  # a Chinese-CLIP file name that is not UTF-8
+                report.skip(Skip(printable(split), "bad_file_name", f"{printable(split)}_imgs.tsv", 0,
+                                 "the file name is not valid UTF-8 (shown with \\x escapes): rename it"))
+                continue
             run_split(src, split, _SplitWriter(tmp, split, report, seen_elsewhere), runner)
         runner.close()
         shutil.rmtree(tmp / ".shards")
         report.write(tmp / REPORT_FILE)
         write_chain(tmp, {}, "ingest", {"max_side": config.max_side or None, "jpeg_quality": config.jpeg_quality,
                                         "max_pixels": config.max_pixels})
-        if out.exists():
-            shutil.rmtree(out)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700: give it an ordinary new folder's mode
-        os.replace(tmp, out)
+        _replace(out, tmp)
     finally:
         runner.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -440,6 +484,56 @@ def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> Inges
     if config.strict and report.skips:
         raise IngestError(report, out)
     return report
+
+
+def _replace(out: Path, new: Path) -> None:
+    """Put folder ``new`` at ``out``: the old ``out`` renamed aside (under ``new``'s temp name,
+    so a kill here leaves only a temp folder), ``new`` renamed in, then the old one deleted."""
+    old = new.with_name(new.name + "-old")
+    had_old = os.path.lexists(out)
+    if had_old:
+        os.replace(out, old)
+    os.replace(new, out)
+    if had_old:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
+def _temp_pid(out: Path, path: Path) -> int | None:
+    """The pid in the name of ``out``'s temp folder ``path`` (``.{out}.tmp-{pid}-*``), if any."""
+    match = re.fullmatch(r"\.tmp-([0-9]{1,9})-.+", path.name[len(out.name) + 1:])
+    return int(match[1]) if match else None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (outside POSIX: assumed so, never checked)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove the temp folders beside ``out`` that ingests killed mid-run left behind (their
+    pid no longer alive); those of an ingest still running are left alone. Returns the removed."""
+    removed = []
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*")):
+        pid = _temp_pid(out, path)
+        if pid is None:
+            log.warning("%s looks like the temp folder of an older mmcn's ingest: remove it by hand unless an "
+                        "ingest into %s is running", printable(path), printable(out))
+        elif not _pid_alive(pid):
+            log.info("removing %s, left behind by an ingest (pid %d) that was killed", printable(path), pid)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _umask() -> int:

@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+
+def printable(path: str | os.PathLike) -> str:
+    """A path as text that any report, log or terminal can hold: bytes of the name that are not
+    UTF-8 (``os.fsdecode`` keeps them as lone surrogates) shown as backslash escapes (``\\xff``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from mmcn.data.ingest_report import Skip
+from mmcn.data.ingest_report import Skip, printable
+from mmcn.data.jsonl import loads
 from mmcn.data.splits import SPLITS
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -98,22 +99,26 @@ def resolve_image(split_dir: Path, rel: str) -> Path | None:
     return split_dir / IMAGES_DIR / norm
 
 
-def list_images(split_dir: Path) -> list[str]:
-    """Every file with an image extension under ``images/``, as sorted paths relative to it."""
+def list_images(split_dir: Path) -> tuple[list[str], list[str]]:
+    """Every file with an image extension under ``images/``, as sorted paths relative to it,
+    and apart from them those whose path is not valid UTF-8 (no caption line can name them,
+    no report or manifest can hold them), shown with backslash escapes (:func:`printable`)."""
     images = split_dir / IMAGES_DIR
     if not images.is_dir():
-        return []
+        return [], []
     found = [p.relative_to(images).as_posix() for p in images.rglob("*")
              if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(found)
+    bad = {rel for rel in found if printable(rel) != rel}
+    return sorted(set(found) - bad), sorted(printable(rel) for rel in bad)
 
 
 def read_records(root: Path, split: str) -> tuple[list[RawRecord], list[Skip]]:
     """Parse ``{root}/{split}/captions.jsonl`` into records, validating every line.
 
-    Never raises on bad content: a malformed line, a record without an image path, a path
-    outside ``images/`` or a missing file skips the record; an empty or non-string caption
-    and a malformed object skip just that caption/object. Each skip names file and line.
+    Never raises on bad content: a line that is not JSON (whatever the reason:
+    :func:`mmcn.data.jsonl.loads`), a record without an image path, a path outside
+    ``images/`` or a missing file skips the record; an empty or non-string caption and a
+    malformed object skip just that caption/object. Each skip names file and line.
     """
     split_dir = root / split
     path = split_dir / CAPTIONS_FILE
@@ -136,8 +141,8 @@ def read_records(root: Path, split: str) -> tuple[list[RawRecord], list[Skip]]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
+                obj = loads(text)
+            except ValueError as e:
                 skip(line_no, "malformed_json", str(e))
                 continue
             if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"].strip():
