@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -48,7 +54,8 @@ def tsv_dir(tmp_path):
     return root
 
 
-def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, tsv_dir, tmp_path, monkeypatch):
+def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, tsv_dir, tmp_path, monkeypatch,
+                                                     caplog):
     out = tmp_path / "features"
     cfg = ExtractConfig(min_boxes=3, max_boxes=5, shard_size=2, batch_size=2)
     report = extract_features(detector_dir, tsv_dir, out, cfg)
@@ -67,14 +74,25 @@ def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, 
         np.testing.assert_allclose(r.features[:, 2048:2052] * wh, r.boxes, rtol=1e-5, atol=1e-3)
         assert len(r.attributes) == r.num_boxes and all(c in detector_config("small").classes for c in r.classes)
 
-    # resume: a lost shard is redone, the rest is kept, bytes end up identical
+    # resume: a lost shard (the one of the two bad rows) and a truncated one are redone, a killed
+    # writer's temporary file is cleared, the rest is kept, bytes (report included) end up identical
     before = {p.name: p.read_bytes() for p in region_features.shard_paths(out, "train")}
+    report_bytes = (out / "features_report.json").read_bytes()
     kept_mtime = region_features.shard_path(out, "train", 0).stat().st_mtime_ns
     region_features.shard_path(out, "train", 1).unlink()
-    again = extract_features(detector_dir, tsv_dir, out, cfg)
+    cut = region_features.shard_path(out, "train", 2)
+    cut.write_bytes(before[cut.name][: len(before[cut.name]) // 2])
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    stale = out / "train" / f".part-00001.parquet.tmp-{dead.pid}"
+    stale.write_bytes(b"half a shard")
+    with caplog.at_level(logging.INFO, logger="mmcn.vision.extract"):
+        again = extract_features(detector_dir, tsv_dir, out, cfg)
     assert {p.name: p.read_bytes() for p in region_features.shard_paths(out, "train")} == before
     assert region_features.shard_path(out, "train", 0).stat().st_mtime_ns == kept_mtime
-    assert again["splits"] == report["splits"]
+    assert (out / "features_report.json").read_bytes() == report_bytes and again == report
+    assert f"{cut} is unreadable (ArrowInvalid" in caplog.text and "extracting it again" in caplog.text
+    assert not stale.exists() and str(stale) in caplog.text
 
     # the code that extracts changed (an extra file in the walker's result stands for an edit of
     # extract.py): nothing is resumed, the folder is cleared and every shard extracted again
@@ -94,3 +112,85 @@ def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, 
     assert all(r.num_boxes == 2 for r in region_features.iter_split(out, "train"))
     assert json.loads((out / "_fingerprint.json").read_text())["settings"]["max_boxes"] == 2
     assert changed["splits"]["train"]["boxes"] == 6
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"workers": 0}, r"^workers: 0 is below 1 \(detector actors\)"),
+    ({"batch_size": 0}, r"^batch_size: 0 is below 1"),
+    ({"shard_size": -3}, r"^shard_size: -3 is below 1"),
+    ({"min_boxes": 0}, r"^min_boxes: 0 is below 1"),
+    ({"min_boxes": 10, "max_boxes": 5}, r"^max_boxes: 5 is below min_boxes \(10\): raise max_boxes or lower min_boxes"),
+    ({"score_thresh": 2}, r"^score_thresh: 2 is not between 0 and 1"),
+    ({"score_thresh": 0.0}, r"^score_thresh: 0.0 is not between 0 and 1"),
+    ({"score_thresh": "1e-3"}, r"^score_thresh: '1e-3' is not a number \(YAML reads 1e-3 as text"),
+    ({"nms_thresh": 0}, r"^nms_thresh: 0 is not in \(0, 1\]"),
+    ({"cpus_per_worker": 0}, r"^cpus_per_worker: 0 is not above 0"),
+    ({"max_boxes": 50.5}, r"^max_boxes: 50.5 is not a whole number"),
+    ({"workers": True}, r"^workers: True is not a whole number"),
+    ({"use_gpu": "no"}, r"^use_gpu: 'no' is not true or false"),
+    ({"min_side": 100, "max_pixels": 9999}, r"^max_pixels: 9999 is below min_side squared \(10000\)"),
+])
+def test_settings_are_checked_with_the_field_named(setting, message):
+    with pytest.raises(ValueError, match=message):
+        ExtractConfig(**setting)
+    ExtractConfig(min_boxes=1, max_boxes=1, score_thresh=0.5, nms_thresh=1, cpus_per_worker=0.5)  # edges that work
+
+
+def test_bad_settings_or_inputs_leave_existing_shards_untouched(detector_dir, tsv_dir, tmp_path):
+    out = tmp_path / "features"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "part-00000.parquet").write_bytes(b"a shard of an earlier run")
+    (out / "_fingerprint.json").write_text("{}")
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"^max_boxes: 5 is below min_boxes \(10\)"):
+        extract_features(detector_dir, tsv_dir, out, ExtractConfig(min_boxes=10, max_boxes=5))
+    (tmp_path / "no_detector").mkdir()
+    with pytest.raises(FileNotFoundError, match="no_detector: no detector \\(config.json, model.safetensors missing"):
+        extract_features(tmp_path / "no_detector", tsv_dir, out, ExtractConfig())
+    with pytest.raises(FileNotFoundError, match=r"no \{split\}_imgs.tsv: run the ingest stage"):
+        extract_features(detector_dir, tmp_path / "no_detector", out, ExtractConfig())
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(ray_session, detector_dir, tsv_dir, tmp_path):
+    settings = {"min_boxes": 3, "max_boxes": 5, "shard_size": 1, "batch_size": 2}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    extract_features(detector_dir, tsv_dir, whole, ExtractConfig(**settings))
+    # its own Ray; once shard train/2 is on disk the detector actor kills the run (the driver's process
+    # group: driver, Ray's services) and then itself, before it could start on a shard already queued to it
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from mmcn.vision import extract as E
+        GROUP = os.getpgid(0)
+        class DyingExtractor(E.ShardExtractor):
+            def run(self, task):
+                stats = super().run(task)
+                if (task.split, task.index) == ("train", 2):
+                    os.killpg(GROUP, signal.SIGKILL)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return stats
+        E.ShardExtractor = DyingExtractor
+        E.extract_features(Path({str(detector_dir)!r}), Path({str(tsv_dir)!r}), Path({str(killed)!r}),
+                           E.ExtractConfig(**{settings!r}))
+    """)
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert code == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
+    left = sorted(p.name for p in killed.rglob("*.parquet"))
+    assert left == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]  # train/0..2
+    assert not (killed / "features_report.json").exists()
+
+    extract_features(detector_dir, tsv_dir, killed, ExtractConfig(**settings))
+    files = {p.relative_to(whole): p.read_bytes() for p in whole.rglob("*") if p.is_file()}
+    assert {p.relative_to(killed): p.read_bytes() for p in killed.rglob("*") if p.is_file()} == files
+    report = json.loads((killed / "features_report.json").read_text())  # every shard's, not only the resumed ones'
+    assert report["splits"]["train"]["images"] == 3 and len(report["skipped"]) == 2 and len(report["shards"]) == 6

@@ -1,5 +1,10 @@
-"""Region-feature shards: write/read round trip, random access (Oscar export: test_oscar_export.py)."""
+"""Region-feature shards: write/read round trip, random access, stats in the footer, stale temporary files
+(Oscar export: test_oscar_export.py)."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -54,3 +59,32 @@ def test_mismatched_record_is_refused(tmp_path):
         region_features.write_shard(region_features.shard_path(tmp_path, "test", 0), [bad])
     assert not list((tmp_path / "test").glob("*"))
 
+
+
+def test_stats_travel_with_the_shard_and_damage_shows_in_the_footer(tmp_path):
+    rng = np.random.default_rng(2)
+    path = region_features.shard_path(tmp_path, "train", 0)
+    stats = {"images": 2, "skipped": [{"image_id": 7, "line": 3, "reason": "不是图片"}], "boxes": 47}
+    region_features.write_shard(path, [record(1, 10, rng), record(2, 37, rng)], stats=stats)
+    assert region_features.read_footer(path) == (2, stats)
+    assert [r.image_id for r in region_features.read_shard(path)] == [1, 2]  # readers unaffected
+    plain = region_features.shard_path(tmp_path, "train", 1)
+    region_features.write_shard(plain, [record(3, 10, rng)])  # as before: no stats
+    assert region_features.read_footer(plain) == (1, None)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a truncated copy
+    with pytest.raises(ValueError, match="Parquet magic bytes not found"):
+        region_features.read_footer(path)
+
+
+def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (tmp_path / "train").mkdir()
+    stale = tmp_path / "train" / f".part-00003.parquet.tmp-{dead.pid}"
+    live = tmp_path / "train" / f".part-00004.parquet.tmp-{os.getpid()}"  # a writer still at work
+    other = tmp_path / "train" / ".notes.tmp-1"
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    assert region_features.remove_stale_temps(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()

@@ -20,12 +20,18 @@ features        binary                           float32 little-endian n x 2054
 
 2054 = 2048 pooled RoI feature + ``[x1/W, y1/H, x2/W, y2/H, w/W, h/H]`` (see
 :func:`region_features`). A shard is written under a temporary name and renamed when
-complete, so an interrupted run leaves only whole shards behind. Oscar's files are written
-from them by :mod:`mmcn.data.oscar_export`.
+complete, so an interrupted run leaves only whole shards behind (:func:`remove_stale_temps`
+clears what a killed writer left). The producer's per-shard statistics (images, boxes,
+skipped inputs) can travel inside the shard, in the Parquet key-value metadata
+(:data:`STATS_KEY`, read back with the row count by :func:`read_footer`), so a report can be
+rebuilt from the shards alone. Oscar's files are written from them by
+:mod:`mmcn.data.oscar_export`.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -39,6 +45,8 @@ from mmcn.data.splits import ordered
 POOLED_DIM = 2048
 FEATURE_DIM = POOLED_DIM + 6
 SHARD_PATTERN = "part-{:05d}.parquet"
+STATS_KEY = b"mmcn.stats"      # Parquet key-value metadata: the producer's JSON stats of the shard
+_TEMP = re.compile(r"\.part-\d+\.parquet\.tmp-(\d+)")  # write_shard's temporary names (pid last)
 
 SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -105,8 +113,10 @@ def splits_in(root: Path) -> list[str]:
     return ordered(p.name for p in Path(root).iterdir() if p.is_dir() and any(p.glob("part-*.parquet")))
 
 
-def write_shard(path: Path, records: list[RegionFeatures]) -> None:
-    """Write one shard atomically (temporary name, then rename)."""
+def write_shard(path: Path, records: list[RegionFeatures], *, stats: dict | None = None) -> None:
+    """Write one shard atomically (temporary name, then rename); ``stats`` (JSON-able, e.g. images,
+    boxes, skipped inputs with reasons) is stored in the file's key-value metadata, so the shard
+    and its statistics are written, and found on disk, together."""
     for r in records:
         r.validate()
     columns = {
@@ -123,10 +133,42 @@ def write_shard(path: Path, records: list[RegionFeatures]) -> None:
         "features": [np.ascontiguousarray(r.features, dtype="<f4").tobytes() for r in records],
     }
     table = pa.table(columns, schema=SCHEMA)
+    if stats is not None:
+        table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats, ensure_ascii=False)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
+
+
+def read_footer(path: Path) -> tuple[int, dict | None]:
+    """A shard's row count and the stats :func:`write_shard` stored with it (None: none stored),
+    from its Parquet footer only; a truncated or damaged file raises ``pyarrow.ArrowInvalid``."""
+    meta = pq.read_metadata(path)
+    stats = (meta.metadata or {}).get(STATS_KEY)
+    return meta.num_rows, None if stats is None else json.loads(stats)
+
+
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Delete the temporary files that writers killed mid-shard left under ``root/{split}/``
+    (those whose process is gone; a live writer's are kept); returns the deleted paths."""
+    removed = []
+    for path in sorted(Path(root).glob("*/.part-*.parquet.tmp-*")):
+        match = _TEMP.fullmatch(path.name)
+        if match and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _row_to_record(row: dict) -> RegionFeatures:

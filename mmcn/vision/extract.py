@@ -4,11 +4,14 @@ Parquet shard per task, resumable.
 Each split's images (in TSV order) are cut into shards of ``shard_size`` images. A shard
 is one Ray Data row; an actor pool of ``workers`` detectors (one GPU each when asked
 for, CPU otherwise) turns it into a Parquet shard written atomically through
-:mod:`mmcn.data.features`. Shards already on disk are skipped, so a killed run restarted
-on the same inputs continues where it stopped and ends with the same bytes. Shards are
-reused only when ``_fingerprint.json`` (see :func:`fingerprint`: detector files, the code
-that extracts, the input TSVs' content, the settings that change results) matches this
-run's; on a mismatch the folder is cleared first and every shard is extracted again.
+:mod:`mmcn.data.features`, with its stats (images, boxes, skipped inputs and why) inside.
+Whole shards already on disk are kept (a truncated or inconsistent one is extracted again)
+and the report is rebuilt from all shards' stats, so a killed run restarted on the same
+inputs continues where it stopped and ends with the same bytes, report included. Shards
+are reused only when ``_fingerprint.json`` (see :func:`fingerprint`: detector files, the
+code that extracts, the input TSVs' content, the settings that change results) matches
+this run's; on a mismatch the folder is cleared first and every shard is extracted again.
+Settings are checked by :class:`ExtractConfig` and inputs before anything is cleared.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +44,8 @@ REPORT = "features_report.json"
 
 @dataclass(frozen=True)
 class ExtractConfig:
+    """Extraction settings; checked when made (see :meth:`__post_init__`)."""
+
     min_boxes: int = 10
     max_boxes: int = 100
     score_thresh: float = 0.2
@@ -52,6 +57,39 @@ class ExtractConfig:
     cpus_per_worker: float = 1.0
     min_side: int = 8            # smaller images are skipped ("too_small")
     max_pixels: int = 89_478_485
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work (wrong type, out of range, contradicting another)
+        with a ValueError whose message starts with the field's name: ``"workers: 0 is below 1 ..."``."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type  # a string: annotations are postponed
+            if kind == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name}: {value!r} is not true or false")
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{f.name}: {value!r} is not a whole number")
+            if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{f.name}: {value!r} is not a number"
+                                 + (" (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""))
+        for name, meaning in (("min_boxes", "boxes kept per image, at least"),
+                              ("batch_size", "images per detector forward"), ("shard_size", "images per shard"),
+                              ("workers", "detector actors"), ("min_side", "pixels; smaller images are skipped")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)} is below 1 ({meaning}): set 1 or more")
+        if self.max_boxes < self.min_boxes:
+            raise ValueError(f"max_boxes: {self.max_boxes} is below min_boxes ({self.min_boxes}): raise max_boxes "
+                             "or lower min_boxes (VinVL: 10 to 100)")
+        if not 0 < self.score_thresh < 1:
+            raise ValueError(f"score_thresh: {self.score_thresh} is not between 0 and 1 (exclusive): the confidence "
+                             "a box needs beyond the first min_boxes (VinVL: 0.2)")
+        if not 0 < self.nms_thresh <= 1:
+            raise ValueError(f"nms_thresh: {self.nms_thresh} is not in (0, 1]: the overlap (IoU) above which the "
+                             "less confident of two boxes of a class is dropped (VinVL: 0.3)")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker: {self.cpus_per_worker} is not above 0: the CPUs Ray reserves "
+                             "per detector actor")
+        if self.max_pixels < self.min_side ** 2:
+            raise ValueError(f"max_pixels: {self.max_pixels} is below min_side squared ({self.min_side ** 2}): "
+                             "every image would be skipped; raise max_pixels")
 
 
 @dataclass(frozen=True)
@@ -111,12 +149,13 @@ class ShardExtractor:
         self.tsv_dir, self.out_dir = Path(tsv_dir), Path(out_dir)
 
     def __call__(self, batch: dict) -> dict:
-        stats = []
         for split, index, start, stop in zip(batch["split"], batch["index"], batch["start"], batch["stop"]):
-            stats.append(json.dumps(self.run(ShardTask(str(split), int(index), int(start), int(stop)))))
-        return {"stats": np.array(stats, dtype=object)}
+            self.run(ShardTask(str(split), int(index), int(start), int(stop)))
+        return {"done": np.ones(len(batch["split"]), dtype=bool)}
 
     def run(self, task: ShardTask) -> dict:
+        """Extract one shard; its stats (images, boxes, skipped inputs with reasons) are written
+        inside it (read back by :func:`shard_stats`) and returned."""
         reader = tsv.TsvReader(tsv.imgs_path(self.tsv_dir, task.split))
         images, skipped = [], []
         for line in range(task.start, task.stop):
@@ -126,10 +165,11 @@ class ShardExtractor:
             except ValueError as e:
                 skipped.append({"split": task.split, "image_id": image_id, "line": line + 1, "reason": str(e)})
         records = dict(detect_regions(self.model, images, self.cfg, self.device))
+        stats = {"split": task.split, "index": task.index, "images": len(images), "skipped": skipped,
+                 "boxes": int(sum(r.num_boxes for r in records.values()))}
         region_features.write_shard(region_features.shard_path(self.out_dir, task.split, task.index),
-                      [records[image_id] for image_id, _ in images])
-        return {"split": task.split, "index": task.index, "images": len(images), "skipped": skipped,
-                "boxes": int(sum(r.num_boxes for r in records.values()))}
+                                    [records[image_id] for image_id, _ in images], stats=stats)
+        return stats
 
 
 def detect_regions(model, images: list[tuple[int, torch.Tensor]], cfg: ExtractConfig,
@@ -165,12 +205,25 @@ def to_record(config, image_id: int, img, det) -> region_features.RegionFeatures
 def extract_features(detector_dir: Path, tsv_dir: Path, out_dir: Path, cfg: ExtractConfig = ExtractConfig()) -> dict:
     """Write every split's feature shards into ``out_dir`` (resuming), plus a report; returns it.
 
-    Ray must be initialised by the caller (``ray.init``) or is started locally by Ray Data.
+    The inputs are checked before anything in ``out_dir`` is touched. Shards already there
+    are kept when :func:`shard_stats` finds nothing wrong, extracted again otherwise (logged);
+    the report is rebuilt from the stats inside all shards, so a killed and resumed run ends
+    with the same bytes as an uninterrupted one. Ray must be initialised by the caller
+    (``ray.init``) or is started locally by Ray Data.
     """
     import ray
 
+    from mmcn.vision.detector import CONFIG_FILE, WEIGHTS_FILE
+
     detector_dir, tsv_dir, out_dir = Path(detector_dir).resolve(), Path(tsv_dir).resolve(), Path(out_dir).resolve()
     start = time.perf_counter()
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (detector_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{detector_dir}: no detector ({', '.join(missing)} missing): train or convert "
+                                "one first (the detector stage, or save_detector)")
+    if not tsv.splits_in(tsv_dir):
+        raise FileNotFoundError(f"{tsv_dir}: no {{split}}_imgs.tsv: run the ingest stage (or mmcn ingest) first")
+    tasks = plan(tsv_dir, cfg.shard_size)
     mark = fingerprint(detector_dir, tsv_dir, cfg)
     previous = out_dir / FINGERPRINT
     if out_dir.exists() and (not previous.is_file() or json.loads(previous.read_text()) != mark):
@@ -180,31 +233,62 @@ def extract_features(detector_dir: Path, tsv_dir: Path, out_dir: Path, cfg: Extr
     previous.write_text(json.dumps(mark, indent=2) + "\n")
     write_chain(out_dir, read_chain(tsv_dir), "features",
                 {k: v for k, v in mark["settings"].items() if k != "shard_size"})
+    for path in region_features.remove_stale_temps(out_dir):
+        log.info("features: removed %s, left by a writer that was killed", path)
 
-    tasks = plan(tsv_dir, cfg.shard_size)
-    todo = [t for t in tasks if not region_features.shard_path(out_dir, t.split, t.index).is_file()]
+    todo = []
+    for task in tasks:
+        path = region_features.shard_path(out_dir, task.split, task.index)
+        if path.exists():
+            try:
+                shard_stats(path, task)
+                continue
+            except ValueError as e:
+                log.warning("features: %s: extracting it again", e)
+        todo.append(task)
     log.info("features: %d shards, %d already done, %d to extract with %d worker(s)", len(tasks),
              len(tasks) - len(todo), len(todo), cfg.workers)
-    stats = []
     if todo:
         ds = ray.data.from_items([asdict(t) for t in todo])
         ds = ds.map_batches(ShardExtractor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.workers),
                             num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_worker,
                             fn_constructor_kwargs={"detector_dir": str(detector_dir), "tsv_dir": str(tsv_dir),
                                                    "out_dir": str(out_dir), "cfg": asdict(cfg)})
-        stats = [json.loads(row["stats"]) for row in ds.iter_rows()]
-    report = _report(out_dir, tasks, stats)
+        ds.materialize()  # runs the actors: their output is the shards on disk
+    report = _report(out_dir, tasks)
     log.info("features done in %.0fs: %s", time.perf_counter() - start,
              {s: (c["images"], c["skipped"]) for s, c in report["splits"].items()})
     return report
 
 
-def _report(out_dir: Path, tasks: list[ShardTask], new_stats: list[dict]) -> dict:
-    """Merge this run's shard stats with those of earlier (resumed) runs into the report."""
-    path = out_dir / REPORT
-    done = {f"{s['split']}/{s['index']}": s for s in (json.loads(path.read_text())["shards"] if path.is_file() else [])}
-    done.update({f"{s['split']}/{s['index']}": s for s in new_stats})
-    shards = [done[f"{t.split}/{t.index}"] for t in tasks if f"{t.split}/{t.index}" in done]
+def shard_stats(path: Path, task: ShardTask) -> dict:
+    """The stats stored in the shard of ``task`` at ``path``, once its Parquet footer (row count)
+    agrees with them and with the task's TSV lines (images written + images skipped). Raises
+    ValueError("<path> <what is wrong>") for a missing, truncated or foreign shard."""
+    try:
+        rows, stats = region_features.read_footer(path)
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(stats, dict) or not isinstance(stats.get("skipped"), list) \
+            or not isinstance(stats.get("boxes"), int):
+        raise ValueError(f"{path} has no extraction stats in its metadata (not written by this extraction)")
+    if (stats.get("split"), stats.get("index")) != (task.split, task.index):
+        raise ValueError(f"{path} holds the stats of shard {stats.get('split')}/{stats.get('index')}")
+    skipped, lines = len(stats["skipped"]), task.stop - task.start
+    if stats.get("images") != rows or rows + skipped != lines:
+        raise ValueError(f"{path} has {rows} rows, stats of {stats.get('images')} images and {skipped} skipped, "
+                         f"for {lines} TSV lines")
+    return stats
+
+
+def _report(out_dir: Path, tasks: list[ShardTask]) -> dict:
+    """The report of all shards, from the stats stored in each, written to ``out_dir/{REPORT}``."""
+    shards = []
+    for task in tasks:
+        try:
+            shards.append(shard_stats(region_features.shard_path(out_dir, task.split, task.index), task))
+        except ValueError as e:
+            raise RuntimeError(f"features: {e} after extraction: run it again to redo that shard") from e
     splits: dict[str, dict] = {}
     for s in shards:
         c = splits.setdefault(s["split"], {"images": 0, "boxes": 0, "skipped": 0})
@@ -212,5 +296,5 @@ def _report(out_dir: Path, tasks: list[ShardTask], new_stats: list[dict]) -> dic
         c["boxes"] += s["boxes"]
         c["skipped"] += len(s["skipped"])
     report = {"splits": splits, "skipped": [k for s in shards for k in s["skipped"]], "shards": shards}
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
