@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mmcn", description="Chinese vision-language pipeline (see README).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a user error too (as MMCN_DEBUG=1); without it: one line, exit 2")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -513,11 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a user error (a bad setting or input file, a refused checkpoint:
+    :func:`mmcn.settings.run_main`) ends as one line on stderr and exit code 2."""
     from mmcn.logs import setup_logging
+    from mmcn.settings import run_main
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    return args.func(args)
+    return run_main(lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ class ChainConfig:
     max_side: int | None = None      # ingest.max_side: re-encode larger images as the ingest stage does
     override_rows: tuple[Entry, ...] = ()   # en->zh override rows (as recorded in a model folder)
 
+    def __post_init__(self) -> None:
+        if self.max_side is not None and not self.max_side >= 0:
+            raise ValueError(f"max_side: must be null or >= 0 (ingest.max_side), got {self.max_side!r}")
+
     @classmethod
     def from_record(cls, chain: dict) -> "ChainConfig":
         """The chain a dataset was made with (:mod:`mmcn.data.chain`: ingest, features, translate sections)."""

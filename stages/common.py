@@ -1,13 +1,17 @@
 """Helpers shared by the stage scripts: load one params.yaml section (and its execution
-settings), start Ray, set up logging."""
+settings), start Ray, set up logging, run a stage's main (a user error: one line, exit 2)."""
 from __future__ import annotations
 
 import logging
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from mmcn.logs import setup_logging
+from mmcn.settings import SettingsError, build, run_main
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -18,12 +22,16 @@ def _load() -> dict:
 
 
 def _lookup(params: dict, section: str) -> dict | None:
-    """``params["caption"]["eval"]`` for ``"caption.eval"``; None when a part is missing."""
+    """``params["caption"]["eval"]`` for ``"caption.eval"``; None when a part is missing.
+    A part that is not a mapping (``ingest: null``, ``ingest: data/raw``) is an error."""
     for part in section.split("."):
         if not isinstance(params, dict) or part not in params:
             return None
         params = params[part]
-    return params or {}
+    if not isinstance(params, dict):
+        raise SettingsError(f"{PARAMS_FILE}: {section}: expected a mapping of settings, got {params!r}; "
+                            f"give its keys indented under {section.split('.')[-1]}: (see README)")
+    return params
 
 
 def stage_params(section: str) -> dict:
@@ -33,8 +41,9 @@ def stage_params(section: str) -> dict:
     ``params:`` in dvc.yaml."""
     found = _lookup(_load(), section)
     if found is None:
-        raise SystemExit(f"{PARAMS_FILE}: missing section {section!r}")
-    return found
+        raise SettingsError(f"{PARAMS_FILE}: {section}: missing section; add it (see README)")
+    return dict(found)
+
 
 
 def execution_params(section: str) -> dict:
@@ -43,12 +52,33 @@ def execution_params(section: str) -> dict:
     ``execution`` section in dvc.yaml, so changing them reruns nothing; like ``ray``. Missing:
     ``{}`` (the library's defaults). A key also in the tracked ``section`` is an error."""
     params = _load()
-    found = _lookup(params.get("execution") or {}, section) or {}
+    found = _lookup({"execution": params.get("execution") or {}}, f"execution.{section}") or {}
     both = sorted(set(found) & set(_lookup(params, section) or {}))
     if both:
-        raise SystemExit(f"{PARAMS_FILE}: {', '.join(f'{section}.{k}' for k in both)} also set under "
-                         f"execution.{section}: keep execution settings in the execution section only")
-    return found
+        raise SettingsError(f"{PARAMS_FILE}: {', '.join(f'{section}.{k}' for k in both)} also set under "
+                            f"execution.{section}: keep execution settings in the execution section only")
+    return dict(found)
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """params.yaml's ``ray`` section (see :func:`start_ray`)."""
+
+    address: str = ""
+    num_cpus: int | None = None
+    storage_path: str = ".ray_results"
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and not self.num_cpus >= 1:
+            raise ValueError(f"num_cpus: must be >= 1 (or null: all cores), got {self.num_cpus}")
+        if not self.storage_path:
+            raise ValueError("storage_path: empty; give the folder for Ray Train's checkpoints")
+
+
+def ray_settings() -> RaySettings:
+    """The ``ray`` section, checked (missing: the defaults)."""
+    params = _load()
+    return build(RaySettings, ("ray", _lookup(params, "ray") if "ray" in params else {}))
 
 
 def start_ray() -> None:
@@ -60,14 +90,21 @@ def start_ray() -> None:
 
     import ray
 
-    conf = _load().get("ray") or {}
-    address = os.environ.get("RAY_ADDRESS") or conf.get("address") or None
+    conf = ray_settings()
+    address = os.environ.get("RAY_ADDRESS") or conf.address or None
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=conf.get("num_cpus") or os.cpu_count(), include_dashboard=False)
+        ray.init(num_cpus=conf.num_cpus or os.cpu_count(), include_dashboard=False)
 
 
 def start(name: str) -> logging.Logger:
     setup_logging()
     return logging.getLogger(f"stages.{name}")
+
+
+def run(main: Callable[[], None], *user_errors: type[BaseException]) -> None:
+    """Run a stage's ``main`` and exit: a user error (a bad param, a bad input file, a refused
+    checkpoint; :data:`mmcn.settings.USER_ERRORS` and ``user_errors``) ends as one line on
+    stderr and exit code 2, its traceback shown only with ``MMCN_DEBUG=1``."""
+    sys.exit(run_main(main, user_errors))

@@ -4,11 +4,12 @@ import csv
 import json
 from pathlib import Path
 
-from common import stage_params, start
+from common import run, stage_params, start
 
 from mmcn.eval.detection import evaluate_detector
+from mmcn.settings import SettingsError, build, expect
 from mmcn.vision.checkpoint import load_checkpoint
-from mmcn.vision.config import detector_config
+from mmcn.vision.config import PRESETS, detector_config
 from mmcn.vision.detector import build_detector, save_detector
 from mmcn.vision.train import DetectorTrainConfig, load_samples, train_detector, vocab_from_manifest
 
@@ -24,36 +25,40 @@ def checkpoint_file(weights: Path) -> Path | None:
     It is a dep of the stage in dvc.yaml (``${detector.weights}``), so new weights rerun it."""
     if weights.is_file():
         return weights
-    if not weights.is_dir():
-        raise SystemExit(f"detector.weights: {weights}: no such file or folder")
     found = sorted(p for p in weights.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
-        raise SystemExit(f"detector.weights: {weights} holds {len(found)} checkpoints ({names}): keep one there "
-                         f"or point detector.weights at the file")
+        raise SettingsError(f"params.yaml: detector.weights: {weights} holds {len(found)} checkpoints ({names}); "
+                            f"keep one there or point detector.weights at the file")
     return found[0] if found else None
 
 
-if __name__ == "__main__":
-    log = start("detector")
+def read_params() -> tuple[str, Path | None, DetectorTrainConfig]:
+    """``(arch, checkpoint file or None: train, training settings)``, checked."""
     p = stage_params("detector")
+    arch = expect(p, "detector", "arch", choices=tuple(PRESETS))
+    expect(p, "detector", "weights", path="any")
+    return arch, checkpoint_file(Path(p["weights"])), build(DetectorTrainConfig, ("detector", p),
+                                                             own=("weights", "arch"))
+
+
+def main() -> None:
+    log = start("detector")
+    arch, weights, train_cfg = read_params()
     METRICS.parent.mkdir(exist_ok=True)
     PLOT.parent.mkdir(exist_ok=True)
-    weights = checkpoint_file(Path(p["weights"]))
     if weights:
-        model = load_checkpoint(weights, detector_config(p["arch"]))
+        model = load_checkpoint(weights, detector_config(arch))  # CheckpointError (a ValueError): exit 2
         history = []
-        metrics = {"source": "converted", "arch": p["arch"]}
+        metrics = {"source": "converted", "arch": arch}
     else:
         classes, attributes = vocab_from_manifest(TSV, "train")
-        model = build_detector(detector_config(p["arch"], classes=classes, attributes=attributes))
-        train_cfg = DetectorTrainConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
-                                        warmup_steps=p["warmup_steps"], seed=p["seed"], max_images=p["max_images"])
-        train = load_samples(TSV, "train", classes, attributes, limit=p["max_images"])
+        model = build_detector(detector_config(arch, classes=classes, attributes=attributes))
+        train = load_samples(TSV, "train", classes, attributes, limit=train_cfg.max_images)
         history = train_detector(model, train, train_cfg)
         valid = load_samples(TSV, "valid", classes, attributes)
         result = evaluate_detector(model, valid)
-        metrics = {"source": "trained", "arch": p["arch"], "mAP50": round(result["mAP"], 4),
+        metrics = {"source": "trained", "arch": arch, "mAP50": round(result["mAP"], 4),
                    "AP50": {k: round(v, 4) for k, v in result["AP"].items()}, "valid_images": result["n_images"],
                    "train_images": len(train), "steps": len(history)}
         log.info("valid mAP@0.5 = %.3f (%d images)", result["mAP"], result["n_images"])
@@ -64,3 +69,7 @@ if __name__ == "__main__":
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -5,17 +5,30 @@ import os
 import sys
 from pathlib import Path
 
-from common import execution_params, stage_params, start, start_ray
+from common import execution_params, ray_settings, run, stage_params, start, start_ray
 
 from mmcn.eval.evaluate import EvalConfig, evaluate_captions, evaluate_retrieval
+from mmcn.settings import build
 
-if __name__ == "__main__":
+
+def read_params(task: str) -> EvalConfig:
+    cfg = build(EvalConfig, (f"{task}.eval", stage_params(f"{task}.eval")),
+                (f"execution.{task}.eval", execution_params(f"{task}.eval")))
+    ray_settings()
+    return cfg
+
+
+def main() -> None:
     task = sys.argv[1]
-    log = start(f"evaluate.{task}")
-    cfg = EvalConfig(**stage_params(f"{task}.eval"), **execution_params(f"{task}.eval"))
+    start(f"evaluate.{task}")
+    cfg = read_params(task)
     os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     start_ray()
-    run = {"caption": evaluate_captions, "retrieval": evaluate_retrieval}[task]
-    metrics = run(Path(f"models/{task}"), Path("data/lmdb"), Path(f"reports/{task}"), cfg)
+    run_task = {"caption": evaluate_captions, "retrieval": evaluate_retrieval}[task]
+    metrics = run_task(Path(f"models/{task}"), Path("data/lmdb"), Path(f"reports/{task}"), cfg)
     Path("metrics").mkdir(exist_ok=True)
     Path(f"metrics/{task}.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    run(main)

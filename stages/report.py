@@ -2,15 +2,26 @@
 Chinese tags, generated vs reference captions with per-image scores, retrieval examples, metrics, curves."""
 from pathlib import Path
 
-from common import stage_params, start
+from common import run, stage_params, start
 
 from mmcn.eval.report import ReportConfig, build_report
+from mmcn.settings import build
 
 METRICS = ("detector", "translate", "train_caption", "train_retrieval", "caption", "retrieval")
 PLOTS = ("detector_loss", "train_caption", "valid_caption", "train_retrieval", "valid_retrieval")
 
-if __name__ == "__main__":
-    log = start("report")
+
+def read_params() -> ReportConfig:
+    return build(ReportConfig, ("report", stage_params("report")))
+
+
+def main() -> None:
+    start("report")
+    cfg = read_params()
     build_report(Path("reports/index.html"), Path("data/lmdb/test"), Path("reports/caption"),
                  Path("reports/retrieval"), {name: Path(f"metrics/{name}.json") for name in METRICS},
-                 [Path(f"plots/{name}.csv") for name in PLOTS], ReportConfig(**stage_params("report")))
+                 [Path(f"plots/{name}.csv") for name in PLOTS], cfg)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -6,8 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-from common import execution_params, stage_params, start, start_ray
+from common import execution_params, ray_settings, run, stage_params, start, start_ray
 
+from mmcn.models.base import SIZES
+from mmcn.models.factory import TASKS
+from mmcn.settings import build, expect
 from mmcn.train.loop import ModelSpec, TrainConfig, train
 
 
@@ -19,28 +22,37 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def init_dir(task: str, folder: Path) -> str:
+def init_dir(folder: Path | None) -> str:
     """``{task}.model.init``: a model folder to start from, or one without ``config.json`` (the
     repository's data/init/{task}: train from scratch). It is a dep of the stage in dvc.yaml."""
-    if not folder.is_dir():
-        raise SystemExit(f"{task}.model.init: {folder}: no such folder (a Mengzi-Oscar/Oscar or BERT model folder, "
-                         f"or data/init/{task} with none in it to train from scratch)")
-    if not (folder / "config.json").is_file():
+    if folder is None or not (folder / "config.json").is_file():
         return ""
     return str(folder)
 
 
-if __name__ == "__main__":
+def read_params(task: str) -> tuple[ModelSpec, TrainConfig, Path]:
+    """``{task}.model``, ``{task}.train``, ``train`` (+ ``execution.train``) and ``ray``, checked."""
+    model = stage_params(f"{task}.model")
+    section = f"{task}.model"
+    expect(model, section, "size", choices=tuple(SIZES))
+    expect(model, section, "init", path="dir", optional=True)  # a model folder, or data/init/{task} (scratch)
+    build(TASKS[task][0], (section, model), own=("size", "init"))  # the task config's checks (types, ranges, choices)
+    init = init_dir(Path(model["init"]) if model["init"] else None)
+    settings = {k: v for k, v in model.items() if k not in ("size", "init")}
+    cfg = build(TrainConfig, (f"{task}.train", stage_params(f"{task}.train")), ("train", stage_params("train")),
+                ("execution.train", execution_params("train")))
+    return ModelSpec(task, size=model["size"], init=init, settings=settings), cfg, Path(ray_settings().storage_path)
+
+
+def main() -> None:
     task = sys.argv[1]
     log = start(f"train.{task}")
-    model = dict(stage_params(f"{task}.model"))
-    spec = ModelSpec(task, size=model.pop("size"), init=init_dir(task, Path(model.pop("init") or "")), settings=model)
-    cfg = TrainConfig(**stage_params(f"{task}.train"), **stage_params("train"), **execution_params("train"))
+    spec, cfg, storage_path = read_params(task)
     # Ray's own loggers at ERROR in every process of the local Ray this stage starts: Ray
     # Train's placement-group cleaner warns every second when the dashboard (State API) is off
     os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
     start_ray()
-    summary = train(spec, Path("data/lmdb"), Path(f"models/{task}"), cfg, Path(stage_params("ray")["storage_path"]))
+    summary = train(spec, Path("data/lmdb"), Path(f"models/{task}"), cfg, storage_path)
     Path("plots").mkdir(exist_ok=True)
     Path("metrics").mkdir(exist_ok=True)
     write_csv(Path(f"plots/train_{task}.csv"), summary["train"])
@@ -50,3 +62,7 @@ if __name__ == "__main__":
                **{k: v for k, v in summary["valid"][-1].items() if k.startswith("valid_")}}
     Path(f"metrics/train_{task}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("%s: loss %.3f -> %.3f over %d steps; %s", task, first, last, summary["steps"], summary["valid"][-1])
+
+
+if __name__ == "__main__":
+    run(main)

@@ -89,16 +89,18 @@ class DemoConfig:
     def __post_init__(self) -> None:
         for split in SPLITS:
             if getattr(self, split) < 0:
-                raise ValueError(f"{split} must be >= 0 images, got {getattr(self, split)}")
+                raise ValueError(f"{split}: must be >= 0 images, got {getattr(self, split)}")
         if self.image_size < 32:
-            raise ValueError(f"image_size must be >= 32 pixels, got {self.image_size}")
-        if not 1 <= self.min_objects <= self.max_objects <= MAX_OBJECTS:
-            raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, "
-                             f"got {self.min_objects} and {self.max_objects}")
+            raise ValueError(f"image_size: must be >= 32 pixels, got {self.image_size}")
+        if not 1 <= self.min_objects <= MAX_OBJECTS:
+            raise ValueError(f"min_objects: must be in 1..{MAX_OBJECTS}, got {self.min_objects}")
+        if not self.min_objects <= self.max_objects <= MAX_OBJECTS:
+            raise ValueError(f"max_objects: must be in min_objects..{MAX_OBJECTS} ({self.min_objects}.."
+                             f"{MAX_OBJECTS}), got {self.max_objects}")
         if not 0 <= self.captions_per_image <= MAX_CAPTIONS:
-            raise ValueError(f"captions_per_image must be in 0..{MAX_CAPTIONS}, got {self.captions_per_image}")
+            raise ValueError(f"captions_per_image: must be in 0..{MAX_CAPTIONS}, got {self.captions_per_image}")
         if not 1 <= self.jpeg_quality <= 95:
-            raise ValueError(f"jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+            raise ValueError(f"jpeg_quality: must be in 1..95, got {self.jpeg_quality}")
 
 
 @dataclass(frozen=True)

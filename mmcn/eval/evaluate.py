@@ -45,6 +45,20 @@ class EvalConfig:
     # retrieval
     rerank_k: int = 10            # cross-encoder re-ranking of each query's top k (0: off)
 
+    def __post_init__(self) -> None:
+        """Ranges and choices; messages start with the field (``mmcn.settings`` names the param)."""
+        for name, choices in (("decoding", ("mmcn", "oscar")), ("tokenize", ("char", "jieba"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "workers", "num_beams", "max_length"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        for name in ("no_repeat_ngram_size", "rerank_k"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0 (0: off), got {getattr(self, name)!r}")
+        if not abs(self.length_penalty) < float("inf"):
+            raise ValueError(f"length_penalty: must be a finite number, got {self.length_penalty!r}")
+
 
 class ModelActor:
     """A Ray Data actor holding one model (:mod:`mmcn.models.inference`) and the store; ``mode`` picks the job."""

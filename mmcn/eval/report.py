@@ -36,6 +36,14 @@ class ReportConfig:
     max_boxes: int = 10       # boxes drawn per image (most confident first)
     thumb_side: int = 256     # embedded images are downscaled to this longer side (0: original bytes)
 
+    def __post_init__(self) -> None:
+        """Ranges; messages start with the field (``mmcn.settings`` names the param)."""
+        for name in ("max_images", "queries", "max_boxes", "thumb_side"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not self.top_k >= 1:
+            raise ValueError(f"top_k: must be >= 1 (images per query), got {self.top_k!r}")
+
 
 def _data_uri(data: bytes, side: int) -> str:
     with Image.open(io.BytesIO(data)) as img:

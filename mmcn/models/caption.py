@@ -33,13 +33,13 @@ class CaptionConfig(VLConfig):
                  loss_form: str = "mmcn", drop_worst_after: int = 0, **kwargs):
         super().__init__(**kwargs)
         if loss_form not in LOSS_FORMS:
-            raise ValueError(f"caption loss_form must be one of {', '.join(LOSS_FORMS)}, got {loss_form!r}")
+            raise ValueError(f"loss_form: caption loss form must be one of {', '.join(LOSS_FORMS)}, got {loss_form!r}")
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"caption label_smoothing must be in [0, 1), got {label_smoothing!r}")
+            raise ValueError(f"label_smoothing: must be in [0, 1), got {label_smoothing!r}")
         if not 0.0 <= drop_worst_ratio < 1.0:
-            raise ValueError(f"caption drop_worst_ratio must be in [0, 1), got {drop_worst_ratio!r}")
+            raise ValueError(f"drop_worst_ratio: must be in [0, 1), got {drop_worst_ratio!r}")
         if isinstance(drop_worst_after, bool) or not isinstance(drop_worst_after, int) or drop_worst_after < 0:
-            raise ValueError(f"caption drop_worst_after must be an integer >= 0 (training forwards), "
+            raise ValueError(f"drop_worst_after: must be an integer >= 0 (training forwards), "
                              f"got {drop_worst_after!r}")
         self.label_smoothing = label_smoothing
         self.drop_worst_ratio = drop_worst_ratio  # drop this share of the highest token losses (Oscar)

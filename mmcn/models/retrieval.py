@@ -31,9 +31,13 @@ class RetrievalConfig(VLConfig):
                  dual_encoder: bool = True, match_head: str = "mmcn", negatives: str = "hardest", **kwargs):
         super().__init__(**kwargs)
         if negatives not in NEGATIVES:
-            raise ValueError(f"retrieval negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+            raise ValueError(f"negatives: retrieval negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
         if match_head not in MATCH_HEADS:
-            raise ValueError(f"match_head must be one of {', '.join(MATCH_HEADS)}, got {match_head!r}")
+            raise ValueError(f"match_head: must be one of {', '.join(MATCH_HEADS)}, got {match_head!r}")
+        if not match_weight >= 0:
+            raise ValueError(f"match_weight: must be >= 0 (0: no matcher), got {match_weight!r}")
+        if not embed_dim >= 1:
+            raise ValueError(f"embed_dim: must be >= 1, got {embed_dim!r}")
         if match_head == "oscar" and not self.add_pooler:
             raise ValueError("match_head 'oscar' scores the pooled [CLS] state: it needs add_pooler")
         if not dual_encoder and not match_weight:

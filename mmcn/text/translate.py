@@ -110,9 +110,10 @@ class TranslateConfig:
 
     def __post_init__(self) -> None:
         if self.unknown not in POLICIES:
-            raise ValueError(f"unknown-label policy must be one of {', '.join(POLICIES)}, got {self.unknown!r}")
-        if self.max_attributes < 0:
-            raise ValueError(f"max_attributes must be >= 0, got {self.max_attributes}")
+            raise ValueError(f"unknown: the unknown-label policy must be one of {', '.join(POLICIES)}, "
+                             f"got {self.unknown!r}")
+        if not self.max_attributes >= 0:
+            raise ValueError(f"max_attributes: must be >= 0, got {self.max_attributes}")
 
 
 class Translator:

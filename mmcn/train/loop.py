@@ -54,12 +54,25 @@ class TrainConfig:
     max_failures: int = 2           # worker crashes survived (restart from the last checkpoint)
 
     def __post_init__(self) -> None:
+        """Ranges and choices; messages start with the field (``mmcn.settings`` names the param)."""
         if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be linear or cosine, got {self.schedule!r}")
-        if self.grad_accum < 1 or self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("epochs, batch_size and grad_accum must be >= 1")
+            raise ValueError(f"schedule: must be linear or cosine, got {self.schedule!r}")
         if self.mask_type not in ("mmcn", "oscar"):
-            raise ValueError(f"mask_type must be mmcn or oscar, got {self.mask_type!r}")
+            raise ValueError(f"mask_type: must be mmcn or oscar, got {self.mask_type!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "max_masked", "cpus_per_worker"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        for name in ("workers", "max_failures", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr: must be a number > 0, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: must be in [0, 1) (a share of the optimizer steps), got {self.warmup_ratio!r}")
+        if not 0 < self.max_grad_norm < float("inf"):
+            raise ValueError(f"max_grad_norm: must be > 0 (gradients are clipped to it), got {self.max_grad_norm!r}")
+        if not 0 < self.mask_prob <= 1:
+            raise ValueError(f"mask_prob: must be in (0, 1] (a share of the caption tokens), got {self.mask_prob!r}")
 
 
 @dataclass(frozen=True)

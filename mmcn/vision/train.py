@@ -30,6 +30,18 @@ class DetectorTrainConfig:
     seed: int = 0
     max_images: int = 0  # train on the first N images only (0: all)
 
+    def __post_init__(self) -> None:
+        """Ranges; messages start with the field (``mmcn.settings`` names the param)."""
+        for name in ("epochs", "batch_size"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "max_images", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "grad_clip"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name}: must be a number > 0, got {getattr(self, name)!r}")
+
 
 @dataclass
 class Sample:
