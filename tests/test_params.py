@@ -116,13 +116,28 @@ def test_every_param_of_params_yaml_has_a_bad_value_in_the_table():
     assert not missing, f"params without a row in tests/test_params.py ROWS: {', '.join(missing)}"
 
 
+FOLDER_PARAMS = ("ingest.src", "detector.weights", "features.source", "caption.model.init", "retrieval.model.init",
+                 "pretrain.model.init")
+FILE_PARAMS = ("translate.overrides",)
+
+
+def value_of(param: str):
+    value = PARAMS
+    for part in param.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A project folder with params.yaml and the paths it names (none of the outputs)."""
-    for folder in ("data/raw", "data/detector_weights", "data/released_features", "data/init/caption",
-                   "data/init/retrieval"):
-        (tmp_path / folder).mkdir(parents=True)
-    (tmp_path / "data/labels_zh_overrides.tsv").write_text("", encoding="utf-8")
+    for param in FOLDER_PARAMS:
+        if value_of(param):
+            (tmp_path / value_of(param)).mkdir(parents=True, exist_ok=True)
+    for param in FILE_PARAMS:
+        if value_of(param):
+            (tmp_path / value_of(param)).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / value_of(param)).write_text("", encoding="utf-8")
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -231,7 +246,7 @@ def test_a_stage_run_ends_with_one_line_and_exit_2_before_touching_outputs(proje
     lines = done.stderr.strip().splitlines()
     assert lines == [lines[-1]] and lines[0].startswith("error: params.yaml: detector.batch_size: must be >= 1"), \
         done.stderr
-    assert not (project / "metrics").exists() and not (project / "models").exists() and not (project / "plots").exists()
+    assert not any((project / out).exists() for out in ("metrics", "models/detector", "plots"))
     debug = run_stage(project, "detector.py", debug=True)
     assert debug.returncode == 2 and "Traceback" in debug.stderr and debug.stderr.strip().splitlines()[-1] == lines[0]
 
