@@ -165,6 +165,7 @@ def _chain_settings(args: argparse.Namespace):
     import yaml
 
     from mmcn.infer import ChainConfig, Decoding
+    from mmcn.settings import build
     from mmcn.text.translate import TranslateConfig
     from mmcn.vision.extract import ExtractConfig
 
@@ -175,10 +176,12 @@ def _chain_settings(args: argparse.Namespace):
             raise FileNotFoundError(f"--params {args.params}: no such file")
         params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
         feats, trans = params.get("features") or {}, params.get("translate") or {}
-        chain = ChainConfig(ExtractConfig(**{k: feats[k] for k in ("min_boxes", "max_boxes", "score_thresh",
-                                                                  "nms_thresh", "batch_size", "min_side",
-                                                                  "max_pixels") if k in feats}),
-                            TranslateConfig(**{k: trans[k] for k in ("unknown", "max_attributes") if k in trans}),
+        where = str(args.params)  # a bad value: one line naming the file and the param (mmcn.settings)
+        chain = ChainConfig(build(ExtractConfig, ("features", {k: feats[k] for k in (
+                                "min_boxes", "max_boxes", "score_thresh", "nms_thresh", "batch_size", "min_side",
+                                "max_pixels") if k in feats}), where=where),
+                            build(TranslateConfig, ("translate", {k: trans[k] for k in ("unknown", "max_attributes")
+                                                                  if k in trans}), where=where),
                             overrides=trans.get("overrides") or "",
                             max_side=(params.get("ingest") or {}).get("max_side"))
         log.info("chain settings from %s", args.params)

@@ -271,3 +271,15 @@ def test_the_cli_ends_a_user_error_with_one_line_and_exit_2(tmp_path, capsys, mo
     assert not (tmp_path / "raw").exists()
     assert main(["--debug", "demo", "--out", str(tmp_path / "raw"), "--min-objects", "0"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_the_cli_names_the_param_of_a_params_file(tmp_path, capsys):
+    from mmcn.cli import main
+
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(with_value(PARAMS, "features.max_boxes", "many")), encoding="utf-8")
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"")
+    assert main(["caption", str(image), "--params", str(params), "--model", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {params}: features.max_boxes: 'many' is not an integer" in err and "Traceback" not in err, err
