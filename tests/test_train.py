@@ -71,6 +71,9 @@ def test_two_cpu_workers(ray_session, lmdb_dir, tmp_path):
     assert summary["steps"] == pairs(lmdb_dir) // 2 // 2  # the pairs split over 2 workers, 2 per batch
     assert "valid_mean_recall" in summary["valid"][-1]
     assert load_model(tmp_path / "model")[0] == "retrieval"
+    # a checkpoint holds both ranks' random streams (resuming restores each rank's own)
+    last = max(d for d in (tmp_path / "ray" / summary["run"]).glob("checkpoint_*") if d.is_dir())
+    assert {"state.pt", "history.json", "rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in last.iterdir()}
 
 
 def registered_checkpoints(storage: Path) -> int:
@@ -84,37 +87,54 @@ def registered_checkpoints(storage: Path) -> int:
     return 0
 
 
-def test_killed_training_resumes_from_its_checkpoint(lmdb_dir, tmp_path):
+def test_killed_training_resumes_from_its_checkpoint_to_the_same_result(lmdb_dir, tmp_path):
+    """kill -9 once Ray has recorded a checkpoint, rerun: the run continues from it and ends
+    with exactly the losses, valid metrics and weights of the same training never killed
+    (the RNG streams of dropout and the data order are in the checkpoint). Bit for bit: the
+    Ray worker runs torch on one thread (``cpus_per_worker=1``)."""
+    import torch
+    from safetensors.torch import load_file
+
     script = textwrap.dedent(f"""
+        import json, sys
         import ray
         from pathlib import Path
         from mmcn.train.loop import ModelSpec, TrainConfig, train
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        cfg = TrainConfig(epochs=4, batch_size=4, lr=1e-3, checkpoint_every=4, workers=1)
-        s = train(ModelSpec("caption", "tiny", settings={LAYOUT!r}), Path({str(lmdb_dir)!r}),
-                  Path({str(tmp_path / 'model')!r}), cfg, Path({str(tmp_path / 'ray')!r}))
-        print("RESUMED_FROM", s["resumed_from_step"], "STEPS", s["steps"], "HISTORY", [r["step"] for r in s["train"]])
+        cfg = TrainConfig(epochs=4, batch_size=4, lr=1e-3, checkpoint_every=4, workers=1, cpus_per_worker=1)
+        for name in sys.argv[1:]:
+            s = train(ModelSpec("caption", "tiny", settings={LAYOUT!r}), Path({str(lmdb_dir)!r}),
+                      Path({str(tmp_path)!r}) / f"{{name}}-model", cfg, Path({str(tmp_path)!r}) / f"{{name}}-ray")
+            print("SUMMARY", json.dumps({{"resumed_from": s["resumed_from_step"], "steps": s["steps"],
+                  "train": [[r["step"], r["loss"], r["lr"]] for r in s["train"]], "valid": s["valid"]}}))
     """)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", script, "killed"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not registered_checkpoints(tmp_path / "ray"):
+    while time.time() < deadline and not registered_checkpoints(tmp_path / "killed-ray"):
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray: killed mid-training
     proc.wait()
-    assert not (tmp_path / "model").exists()
+    assert not (tmp_path / "killed-model").exists()
 
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    # the killed run again (it resumes), then the same training from scratch, uninterrupted
+    out = subprocess.run([sys.executable, "-c", script, "killed", "whole"], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESUMED_FROM"))
-    resumed, steps = int(line.split()[1]), int(line.split()[3])
-    history = json.loads(line.split("HISTORY", 1)[1])
+    resumed, whole = (json.loads(ln.split(" ", 1)[1]) for ln in out.stdout.splitlines() if ln.startswith("SUMMARY"))
     total = 4 * (pairs(lmdb_dir) // 4)
-    assert 0 < resumed < total and (resumed % 4 == 0 or resumed % (pairs(lmdb_dir) // 4) == 0)  # a checkpoint
-    assert steps == total and history == list(range(1, total + 1))  # no step lost or done twice
-    assert load_model(tmp_path / "model")[0] == "caption"
+    assert whole["resumed_from"] is None and whole["steps"] == resumed["steps"] == total
+    at = resumed["resumed_from"]
+    assert 0 < at < total and (at % 4 == 0 or at % (pairs(lmdb_dir) // 4) == 0)  # a checkpoint
+    assert [r[0] for r in resumed["train"]] == list(range(1, total + 1))  # no step lost or done twice
+    assert resumed["train"] == whole["train"] and resumed["valid"] == whole["valid"]  # losses, lr, metrics
+    weights, reference = (load_file(tmp_path / f"{name}-model" / "model.safetensors") for name in ("killed", "whole"))
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[k], reference[k]) for k in weights), \
+        [k for k in weights if not torch.equal(weights[k], reference[k])]
+    assert load_model(tmp_path / "killed-model")[0] == "caption"
 
 
 def test_seeded_training_is_deterministic_on_cpu(lmdb_dir, tmp_path):

@@ -5,7 +5,12 @@ same on a laptop (CPU workers, gloo) and on a cluster (GPU workers, nccl, bf16).
 the final model in ``save_pretrained`` layout. :func:`train_loop` (every worker) trains:
 AdamW, warmup then linear/cosine decay, gradient accumulation and clipping, a
 checkpoint every ``checkpoint_every`` optimizer steps and at each epoch's end, a valid
-evaluation per epoch. Checkpoints live under ``storage_path/run_name`` (outside DVC's
+evaluation per epoch. A checkpoint holds all that decides the rest of the run: model,
+optimizer, scheduler, step, the data position (epoch, batches of it trained on: the order
+is a function of the seed and the epoch, so resuming skips them) and every rank's random
+streams (torch CPU and CUDA, numpy, python ``random``: dropout), so a run resumed from it
+ends with the same weights as one never stopped (bit for bit on CPU with pinned threads).
+Checkpoints live under ``storage_path/run_name`` (outside DVC's
 outputs); the run name is the task and a fingerprint (:func:`_fingerprint`) of the
 settings, the content of the train and valid data and the code that trains, so rerunning a
 killed training with all of it unchanged continues from its last checkpoint (Ray Train
@@ -17,18 +22,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 HISTORY = "history.json"
+RNG = "rng-rank{rank}.pt"  # each rank's random streams
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,8 @@ def _train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(config["tokenizer_dir"])
 
@@ -218,7 +228,11 @@ def _train_worker(config: dict) -> None:
     dataset, collate = _task_data(spec.task, Path(config["lmdb_dir"]) / "train", tokenizer, model.config, cfg,
                                   seed=cfg.seed)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
+    # the loader's own generator (reseeded per epoch): starting an epoch then draws nothing from
+    # torch's global stream, which dropout uses and a checkpoint restores
+    order = torch.Generator()
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+                        generator=order)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
@@ -231,15 +245,18 @@ def _train_worker(config: dict) -> None:
                               num_training_steps=total_steps)
 
     step, history = 0, {"train": [], "valid": [], "resumed_from": None}
+    start_epoch, skip, streams = 0, 0, None  # skip: batches of start_epoch already trained on
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # continue where the last run (or a crashed worker) stopped
         with checkpoint.as_directory() as ckpt:
             state = torch.load(Path(ckpt) / STATE, map_location="cpu", weights_only=True)
+            streams = torch.load(Path(ckpt) / RNG.format(rank=rank), map_location="cpu", weights_only=True)
             history = json.loads((Path(ckpt) / HISTORY).read_text())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = history["resumed_from"] = state["step"]
+        start_epoch, skip = state["data"]["epoch"], state["data"]["batch"]
         if hasattr(model, "train_forwards"):  # the caption loss's drop_worst_after counter (a forward per batch)
             model.train_forwards = state.get("train_forwards", step * cfg.grad_accum)
     model = ray.train.torch.prepare_model(model)
@@ -248,30 +265,34 @@ def _train_worker(config: dict) -> None:
     started = time.perf_counter()
 
     staging = Path(tempfile.gettempdir()) / "mmcn-checkpoints" / config["run_name"]
+    if streams is not None:  # last: building the model above drew from them
+        _set_rng_state(streams, device)
 
-    def save(metrics: dict) -> None:
-        """Report metrics, with a checkpoint from rank 0 (Ray copies it into the run's storage)."""
-        ckpt = None
+    def save(metrics: dict, epoch: int, batch: int) -> None:
+        """Report metrics with a checkpoint (Ray gathers every rank's files into one folder of the
+        run's storage): each rank's random streams, and from rank 0 the training state, with the
+        data position to continue from (``batch`` batches of ``epoch`` trained on)."""
+        path = staging / f"step-{step:08d}-rank{rank}"  # each rank its own folder
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        torch.save(_rng_state(device), path / RNG.format(rank=rank))
         if rank == 0:
-            path = staging / f"step-{step:08d}"
-            shutil.rmtree(path, ignore_errors=True)
-            path.mkdir(parents=True)
             torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": step,
+                        "scheduler": scheduler.state_dict(), "step": step, "data": {"epoch": epoch, "batch": batch},
                         "train_forwards": getattr(core, "train_forwards", 0)}, path / STATE)
             (path / HISTORY).write_text(json.dumps(history))
-            ckpt = ray.train.Checkpoint.from_directory(str(path))
-        ray.train.report(metrics, checkpoint=ckpt)
-        if rank == 0:  # keep the last two local copies (the in-process mode reads them in place)
-            for old in sorted(staging.glob("step-*"))[:-2]:
-                shutil.rmtree(old, ignore_errors=True)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+        # keep the last two (the in-process mode reads them in place)
+        for old in sorted(staging.glob(f"step-*-rank{rank}"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
 
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
+        # the data order (sampler), masks and negatives (collate): seeded streams per epoch and rank
         sampler.set_epoch(epoch)
-        if getattr(collate, "generator", None) is not None:  # masks, negatives: a seeded stream per epoch and rank
+        order.manual_seed(cfg.seed * 100_003 + epoch * world + rank)
+        if getattr(collate, "generator", None) is not None:
             collate.generator.manual_seed(cfg.seed * 100_003 + epoch * world + rank)
         model.train()
-        skip = (step - epoch * steps_per_epoch) * cfg.grad_accum  # batches this epoch already trained on
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
@@ -292,7 +313,8 @@ def _train_worker(config: dict) -> None:
                                      "lr": scheduler.get_last_lr()[0],
                                      "seconds": round(time.perf_counter() - started, 3)})
             if step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
-                save({"step": step, "loss": history["train"][-1]["loss"]})
+                save({"step": step, "loss": history["train"][-1]["loss"]}, epoch, i + 1)
+        skip = 0
         valid = _validate(spec.task, core, Path(config["lmdb_dir"]) / "valid", tokenizer, cfg, device) \
             if rank == 0 else {}
         history["valid"].append({"epoch": epoch + 1, "step": step, **valid})
@@ -300,7 +322,33 @@ def _train_worker(config: dict) -> None:
             recent = [r["loss"] for r in history["train"][-steps_per_epoch:]]
             print(f"[mmcn.train] {spec.task} epoch {epoch + 1}/{cfg.epochs}: step {step}, "
                   f"loss {sum(recent) / max(len(recent), 1):.4f}, {valid}", flush=True)
-        save({"step": step, "epoch": epoch + 1, **valid})
+        save({"step": step, "epoch": epoch + 1, **valid}, epoch + 1, 0)
+
+
+def _rng_state(device: torch.device) -> dict:
+    """This process's random streams as tensors and plain lists (``torch.load(weights_only=True)``
+    reads them back): torch's CPU stream, the device's CUDA stream, numpy's and python's."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what :func:`_rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _task_data(task: str, store_path: Path, tokenizer, model_config, cfg: TrainConfig, seed: int | None = None):
