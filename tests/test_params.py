@@ -32,12 +32,11 @@ CHECKED_BY = {
     "train": ("train", "caption"), "execution.train": ("train", "caption"),
     "caption.model": ("train", "caption"), "caption.train": ("train", "caption"),
     "retrieval.model": ("train", "retrieval"), "retrieval.train": ("train", "retrieval"),
+    "pretrain.model": ("train", "pretrain"), "pretrain.train": ("train", "pretrain"),
     "caption.eval": ("evaluate", "caption"), "execution.caption.eval": ("evaluate", "caption"),
     "retrieval.eval": ("evaluate", "retrieval"), "execution.retrieval.eval": ("evaluate", "retrieval"),
     "report": ("report",),
 }
-INGEST_RANGES = pytest.mark.xfail(strict=False, reason="IngestConfig's range checks are the ingest helper's part "
-                                                       "(not in yet): the value passes the type check")
 
 # (param, bad value, text the one-line error must hold: default "params.yaml: <param>")
 ROWS = [
@@ -45,7 +44,7 @@ ROWS = [
     ("demo.image_size", 16), ("demo.min_objects", 0), ("demo.max_objects", 0), ("demo.captions_per_image", 99),
     ("ingest.src", "no/such/folder"), ("ingest.src", DELETE, "params.yaml: ingest.src: missing"),
     ("ingest.max_side", -1), ("ingest.max_side", "big"), ("ingest.strict", "yes"), ("ingest.full_decode", 1),
-    pytest.param(("ingest.max_pixels", 0), marks=INGEST_RANGES), ("ingest.max_pixels", "many"),
+    ("ingest.max_pixels", 0), ("ingest.max_pixels", "many"),
     ("ingest.unlisted", "skipp"), ("ingest", None, "params.yaml: ingest: expected a mapping"),
     ("ingest.srcs", "data/raw", "params.yaml: ingest.srcs: unknown setting; did you mean ingest.src?"),
     ("detector.weights", "no/such/weights.pth"), ("detector.arch", "smal", "did you mean small?"),
@@ -84,11 +83,19 @@ ROWS = [
     ("retrieval.train.schedule", "constant"), ("retrieval.train.grad_accum", 1.5),
     ("retrieval.train.max_grad_norm", -1), ("retrieval.train.seed", None), ("retrieval.train.checkpoint_every", -1),
     ("retrieval.train.freeze_embedding", "false"), ("retrieval.train.freeze_visual", None),
+    ("retrieval.train.train_fraction", 0), ("caption.train.train_fraction", 1.5),
+    ("pretrain.model.size", "giant"), ("pretrain.model.init", "no/such/model"), ("pretrain.model.max_text_len", 4),
+    ("pretrain.model.max_regions", "20"), ("pretrain.model.texta_false_prob", 1.5),
+    ("pretrain.model.textb_sample_mode", 2), ("pretrain.model.mask_loss_for_unmatched", "no"),
+    ("pretrain.train.epochs", 0), ("pretrain.train.batch_size", "32"), ("pretrain.train.lr", -1),
+    ("pretrain.train.weight_decay", "none"), ("pretrain.train.warmup_ratio", 1), ("pretrain.train.schedule", "step"),
+    ("pretrain.train.grad_accum", 0), ("pretrain.train.max_grad_norm", 0), ("pretrain.train.seed", "0"),
+    ("pretrain.train.checkpoint_every", 0), ("pretrain.train.mask_prob", 0),
     ("retrieval.eval.rerank_k", -1), ("retrieval.eval.batch_size", "64"), ("retrieval.eval.use_gpu", 1),
     ("report.max_images", -1), ("report.queries", "20"), ("report.top_k", 0), ("report.max_boxes", -1),
     ("report.thumb_side", -1),
     ("ray.address", 5), ("ray.num_cpus", 0), ("ray.storage_path", None),
-    ("execution.ingest.workers", "two"), pytest.param(("execution.ingest.workers", 0), marks=INGEST_RANGES),
+    ("execution.ingest.workers", "two"), ("execution.ingest.workers", 0),
     ("execution.features.workers", 0), ("execution.features.workers", "1"),
     ("execution.lmdb.workers", -1), ("execution.train.cpus_per_worker", 0),
     ("execution.caption.eval.workers", 0), ("execution.retrieval.eval.workers", "one"),

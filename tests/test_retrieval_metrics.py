@@ -10,7 +10,7 @@ import torch
 
 from mmcn.cli import main as cli_main
 from mmcn.data import tsv
-from mmcn.eval.retrieval_metrics import gold_ranks, recall_at_k, retrieval_scores, topk
+from mmcn.eval.retrieval_metrics import evaluate_retrieval_files, gold_ranks, recall_at_k, retrieval_scores, topk
 
 
 # --- Chinese-CLIP's method, one query at a time (make_topk_predictions.py + evaluation.py) ---
@@ -122,8 +122,9 @@ def write_files(tmp_path: Path, lines: list) -> tuple[Path, Path]:
     return texts, preds
 
 
-def run_cli(capsys, texts: Path, preds: Path, direction: str = "t2i") -> tuple[int, dict, str]:
-    code = cli_main(["eval-retrieval", "--texts", str(texts), "--predictions", str(preds), "--direction", direction])
+def run_cli(capsys, texts: Path, preds: Path, direction: str = "t2i", *flags: str) -> tuple[int, dict, str]:
+    code = cli_main(["eval-retrieval", "--texts", str(texts), "--predictions", str(preds), "--direction", direction,
+                     *flags])
     out, err = capsys.readouterr()
     return code, json.loads(out), err
 
@@ -146,16 +147,33 @@ def test_cli_t2i_success(tmp_path, capsys):
     assert (out["n_queries"], out["n_missing"]) == (4, 0)
 
 
-def test_cli_i2t_success_and_missing_queries_are_misses(tmp_path, capsys):
+def test_cli_i2t_missing_queries_fail_as_in_chinese_clip_or_are_misses_when_allowed(tmp_path, capsys):
     texts = [t.text_id for t in TEXTS] + list(range(200, 210))
     lines = [{"image_id": 1, "text_ids": ranked([103], texts)}, {"image_id": 2, "text_ids": ranked([200, 101], texts)},
              {"image_id": 4, "text_ids": ranked(list(range(200, 210)), texts)}]  # image 3: no prediction
-    code, out, err = run_cli(capsys, *write_files(tmp_path, lines), direction="i2t")
+    files = write_files(tmp_path, lines)
+    # Chinese-CLIP's evaluation_tr.py: "The following image_ids have no prediction in your submission"
+    code, out, _ = run_cli(capsys, *files, "i2t")
+    assert code == 1 and out["success"] is False and out["score"] == 0 and out["scoreJson"] == {}
+    assert "the following image_ids have no prediction in your submission, please check again: 3 (1 of 4" \
+        in out["errorMsg"] and "--allow-missing" in out["errorMsg"]
+    code, out, err = run_cli(capsys, *files, "i2t", "--allow-missing")
     gold = {1: [100, 103], 2: [101, 103], 3: [101], 4: [102]}
     expected = reference_recall(gold, {x["image_id"]: x["text_ids"] for x in lines})
-    assert code == 0 and out["scoreJson"] == {"score": expected["mean_recall"], **expected}
+    assert code == 0 and out["success"] is True and out["scoreJson"] == {"score": expected["mean_recall"], **expected}
     assert (out["scoreJson"]["r1"], out["scoreJson"]["r5"]) == (25.0, 50.0)
     assert (out["n_queries"], out["n_missing"]) == (4, 1) and "1 of 4 queries have no prediction" in err
+
+
+def test_cli_t2i_lists_every_query_without_a_prediction(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, *write_files(tmp_path, t2i_lines()[1:3]))  # 100 and 103 left out
+    assert code == 1 and out["success"] is False
+    assert "preds.jsonl: the following text_ids have no prediction in your submission, please check again: " \
+           "100, 103 (2 of 4 queries" in out["errorMsg"]
+    assert evaluate_retrieval_files(tmp_path / "valid_texts.jsonl", tmp_path / "preds.jsonl", "t2i",
+                                    allow_missing=True)["n_missing"] == 2
+    code, out, _ = run_cli(capsys, *write_files(tmp_path, []))  # an empty file predicts nothing
+    assert code == 1 and "100, 101, 102, 103 (4 of 4 queries" in out["errorMsg"]
 
 
 @pytest.mark.parametrize("bad_line, message", [

@@ -64,10 +64,18 @@ class IngestConfig:
     jpeg_quality: int = 95
 
     def __post_init__(self) -> None:
+        """Ranges and choices; messages start with the field (``mmcn.settings`` names the param)."""
         if self.unlisted not in UNLISTED_POLICIES:
-            raise ValueError(f"unlisted must be one of {UNLISTED_POLICIES}, got {self.unlisted!r}")
+            raise ValueError(f"unlisted: must be one of {', '.join(UNLISTED_POLICIES)}, got {self.unlisted!r}")
         if self.max_side is not None and self.max_side < 0:
-            raise ValueError(f"max_side must be empty or positive, got {self.max_side}")
+            raise ValueError(f"max_side: must be empty (keep the original bytes) or positive, got {self.max_side}")
+        if not self.max_pixels >= 1:
+            raise ValueError(f"max_pixels: must be >= 1 (0 would skip every image as a decompression bomb), "
+                             f"got {self.max_pixels}; PIL's own limit is {imagelib.DEFAULT_MAX_PIXELS}")
+        if not self.workers >= 1:
+            raise ValueError(f"workers: must be >= 1 (decode processes), got {self.workers}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
 
 
 class IngestError(RuntimeError):

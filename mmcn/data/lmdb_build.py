@@ -1,8 +1,16 @@
 """Building the LMDB store (format: :mod:`mmcn.data.lmdb_store`, which also reads it) from
 a Chinese-CLIP folder, the region-feature shards and the Chinese tags.
 
-A build writes into ``{out}.tmp-{pid}`` and renames it to ``out`` only when every split
-is complete, so a killed build leaves no half-written store under the final name. The
+A build writes into ``{out}.tmp-{pid}`` and puts it in place of ``out`` only when every
+split is complete, in one atomic step where the filesystem can swap two names
+(``renameat2(RENAME_EXCHANGE)``, Linux), else by renaming the old store aside
+(``{out}.old-{pid}``) and the new one in; the old one is deleted last. So a killed build
+leaves no half-written store under the final name, and the next build removes what a dead
+build left (its pid is gone) and puts an old store left aside back. One build at a time
+per output: ``{out}.lock`` (``flock``, holding the builder's pid, deleted when done); a
+second build to the same output fails at once naming that pid (:class:`LmdbBusyError`).
+Builds are byte-reproducible: the same inputs and settings give the same bytes in every
+file (pages zero-filled, no lock file, no timings in the report: those go to the log). The
 map starts at ``map_size_mb`` and doubles on ``MapFullError``. Before writing, the
 inputs are checked: duplicate image or text ids are an error; images without features
 or tags, and pairs whose image is not stored, are left out and reported (an error with
@@ -14,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -34,7 +44,8 @@ from tqdm import tqdm
 from mmcn.data import features as region_features
 from mmcn.data import tsv
 from mmcn.data.chain import read_chain
-from mmcn.data.lmdb_store import DBS, SCHEMA_VERSION, TEXT_BLOCK, position_key
+from mmcn.data.lmdb_store import (DBS, DIGEST_BYTES, META_DIGEST, SCHEMA_VERSION, TEXT_BLOCK, position_key,
+                                  record_seed, seal, split_dirs)
 from mmcn.data.tags import ImageTags, read_tags, tags_path
 from mmcn.provenance import checksum
 
@@ -46,6 +57,17 @@ M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD = -1, 128 * 1024  # glibc's mallopt par
 
 class LmdbBuildError(ValueError):
     """The inputs cannot make a consistent store (message names the file and records)."""
+
+
+class LmdbBusyError(LmdbBuildError):
+    """Another process is building the same output (message names its pid and the lock)."""
+
+
+class LmdbWriteError(LmdbBuildError):
+    """The output cannot be written: disk full, over quota, read-only (message says where)."""
+
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 @dataclass(frozen=True)
@@ -72,8 +94,10 @@ class _EnvWriter:
 
     def __init__(self, path: Path, map_size: int, commit_bytes: int):
         path.mkdir(parents=True)
+        # meminit: unused bytes of written pages zero-filled, not left as whatever the heap held
+        # (builds byte-reproducible); lock=False: no lock.mdb (one writer thread, no readers)
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DBS) + 1, sync=False, metasync=False,
-                             readahead=False, meminit=False)
+                             readahead=False, meminit=True, lock=False)
         self.dbs = {name: self.env.open_db(name.encode()) for name in DBS}
         self.batch: dict[str, list[tuple[bytes, bytes]]] = {name: [] for name in DBS}
         self.pending = 0
@@ -81,7 +105,7 @@ class _EnvWriter:
         self.grown = 0
 
     def put(self, db: str, position: int, value: bytes) -> None:
-        self.batch[db].append((position_key(position), value))
+        self.batch[db].append((position_key(position), seal(value, record_seed(db, position))))
         self.pending += len(value)
         if self.pending >= self.commit_bytes:
             self.flush()
@@ -171,12 +195,41 @@ def _read_texts(path: Path) -> _Texts:
         starts = starts - starts[0]
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError, ValueError):
         records = tsv.read_texts(path)  # raises naming the bad line
-        ids = np.asarray([t.text_id for t in records], np.int64)
+        try:
+            ids = np.asarray([t.text_id for t in records], np.int64)
+            flat = np.asarray([i for t in records for i in t.image_ids], np.int64)
+        except OverflowError:
+            raise _out_of_int64(path, _text_record_ids) from None
         encoded = [t.text.encode("utf-8") for t in records]
         data, offsets = b"".join(encoded), np.cumsum([0] + [len(e) for e in encoded]).astype(np.int64)
         starts = np.cumsum([0] + [len(t.image_ids) for t in records]).astype(np.int64)
-        flat = np.asarray([i for t in records for i in t.image_ids], np.int64)
     return _Texts(ids, offsets, data, starts, flat)
+
+
+def _text_record_ids(line: bytes) -> Iterator[tuple[str, object]]:
+    obj = json.loads(line)
+    yield "text_id", obj.get("text_id")
+    for i in obj.get("image_ids") or []:
+        yield "image id", i
+
+
+def _tsv_line_ids(line: bytes) -> Iterator[tuple[str, object]]:
+    yield "image id", int(line.split(b"\t", 1)[0])
+
+
+def _out_of_int64(path: Path, ids_of) -> LmdbBuildError:
+    """The error for the first id of ``path`` (a file of lines; ``ids_of(line)`` gives a
+    line's ``(name, id)`` pairs) that does not fit the store's int64 ids, naming its line."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            for name, value in ids_of(line):
+                if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+                    return LmdbBuildError(f"{path}:{line_no}: {name} {value} does not fit in a signed 64-bit integer "
+                                          f"({INT64[0]}..{INT64[1]}), which the store's ids are; renumber such ids "
+                                          "and re-ingest the dataset (`mmcn ingest`)")
+    return LmdbBuildError(f"{path}: an id does not fit in a signed 64-bit integer; re-ingest the dataset (`mmcn ingest`)")
 
 
 @dataclass
@@ -208,6 +261,8 @@ def _check_split(split: str, tsv_dir: Path, features_dir: Path | None, tags: dic
     imgs = tsv.imgs_path(tsv_dir, split)
     try:
         lines = tsv.MappedTsv(imgs)
+    except OverflowError:
+        raise _out_of_int64(imgs, _tsv_line_ids) from None
     except ValueError as e:
         raise LmdbBuildError(f"{e}; re-ingest the dataset (`mmcn ingest`)") from None
     ids = _unique_ids(lines)
@@ -262,12 +317,32 @@ def build_lmdb(tsv_dir: Path, out_dir: Path, features_dir: Path | None = None, t
 
     Without ``features_dir`` the store holds images and texts only; without ``tags_dir``,
     no Chinese tags. Returns the report (also written to ``out_dir/lmdb_report.json``).
+    Raises :class:`LmdbBusyError` at once when another process is building ``out_dir``,
+    :class:`LmdbWriteError` when the disk is full or not writable, :class:`LmdbBuildError`
+    for inconsistent inputs; ``out_dir`` is then as it was.
     """
     start = time.perf_counter()
     tsv_dir, out_dir = Path(tsv_dir), Path(out_dir)
     splits = list(splits or tsv.splits_in(tsv_dir))
     if not splits:
         raise FileNotFoundError(f"{tsv_dir}: no *_imgs.tsv files; run the ingest stage first")
+    _check_replaceable(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(e, out_dir) or e
+    with _output_lock(out_dir):
+        _clear_leftovers(out_dir)
+        report = _build(tsv_dir, out_dir, features_dir, tags_dir, cfg, splits)
+    log.info("lmdb: %s in %.1fs, %d records left out (see %s)",
+             {s: (c["images"], c["texts"], c["pairs"]) for s, c in report["splits"].items()},
+             time.perf_counter() - start, len(report["skipped"]), out_dir / REPORT)
+    return report
+
+
+def _build(tsv_dir: Path, out_dir: Path, features_dir: Path | None, tags_dir: Path | None, cfg: LmdbConfig,
+           splits: list[str]) -> dict:
+    """The checks, then the store written under a temporary name and put in place."""
     checked, tags, digests = {}, {}, {}
     # the settings the inputs were made with, from the last stage that recorded them (tags
     # carry the features' and ingest's too): training keeps them beside the model
@@ -297,29 +372,201 @@ def build_lmdb(tsv_dir: Path, out_dir: Path, features_dir: Path | None = None, t
             listing = "\n".join(f"  {s}" for s in skipped[:50])
             raise LmdbBuildError(f"lmdb.strict: {len(skipped)} records would be left out:\n{listing}")
 
-        for stale in out_dir.parent.glob(f"{out_dir.name}.tmp-*"):  # left by a killed build
-            log.info("removing %s, left by an interrupted build", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True)
-        report = {"splits": {}, "skipped": skipped}
+        tmp = _temp_name(out_dir, os.getpid())
+        report = {"splits": {}, "skipped": skipped}  # nothing time-dependent: the report is a DVC output
         try:
+            tmp.mkdir()
             with _reusing_freed_memory():
                 for split in splits:
                     report["splits"][split] = _write_split(split, checked[split], features_dir, tags[split],
                                                            digests[split], tmp / split, cfg, chain)
-        except BaseException:
+            _write_durably(tmp / REPORT, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+            _replace(tmp, out_dir)
+        except BaseException as e:
+            error = _write_error(e, tmp) if isinstance(e, (OSError, lmdb.Error)) else None
             shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None:
+                raise error from None
             raise
-    report["seconds"] = round(time.perf_counter() - start, 2)
-    (tmp / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    log.info("lmdb: %s in %.1fs, %d records left out (see %s)",
-             {s: (c["images"], c["texts"], c["pairs"]) for s, c in report["splits"].items()},
-             report["seconds"], len(skipped), out_dir / REPORT)
     return report
+
+
+# --------------------------------------------------------------------------- the output
+
+def _temp_name(out_dir: Path, pid: int) -> Path:
+    return out_dir.with_name(f"{out_dir.name}.tmp-{pid}")
+
+
+def _aside_name(out_dir: Path, pid: int) -> Path:
+    return out_dir.with_name(f"{out_dir.name}.old-{pid}")
+
+
+def _lock_name(out_dir: Path) -> Path:
+    return out_dir.with_name(f"{out_dir.name}.lock")
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace an ``out_dir`` that is not a store (a mistyped ``--out`` would
+    otherwise delete whatever folder it names)."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if out_dir.is_dir() and not out_dir.is_symlink():
+        if (out_dir / REPORT).is_file() or not any(out_dir.iterdir()):
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if split_dirs(out_dir):
+                return
+    raise LmdbBuildError(f"{out_dir} exists and is not an LMDB store (no {REPORT}, no split folders with data.mdb); "
+                         "a build replaces its output as a whole, so it will not replace that: choose another output "
+                         "folder, or remove it yourself")
+
+
+@contextlib.contextmanager
+def _output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``{out}.lock`` (``flock``, released by the kernel if this process dies) for the
+    build; a second builder of the same output fails at once naming the holder's pid."""
+    lock = _lock_name(out_dir)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _write_error(e, lock) or e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LmdbBusyError(f"{out_dir} is being built by another process (pid {holder}, lock {lock}): wait for it "
+                                "to finish, or stop it, then build again") from None
+        try:  # the previous holder may have deleted the file between our open and lock: lock the new one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _clear_leftovers(out_dir: Path) -> None:
+    """Under the lock: delete the temporary folders of builds whose process is gone, and put
+    back a store that a build killed between its two renames had set aside."""
+    for kind in ("old", "tmp"):
+        for path in sorted(out_dir.parent.glob(f"{out_dir.name}.{kind}-*")):
+            pid = path.name.rpartition("-")[2]
+            if not pid.isdigit():
+                continue
+            if int(pid) != os.getpid() and _alive(int(pid)):
+                log.warning("leaving %s: process %s, which wrote it, is still running (not as a builder of %s: "
+                            "it would hold %s); delete it once that process is done", path, pid, out_dir,
+                            _lock_name(out_dir))
+                continue
+            if kind == "old" and not out_dir.exists():
+                log.warning("restoring %s from %s, set aside by a build that was killed before it finished", out_dir,
+                            path)
+                path.rename(out_dir)
+                continue
+            log.info("removing %s, left by an interrupted build (process %s is gone)", path, pid)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` in one atomic step (Linux ``renameat2``); False where
+    the system or filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _replace(new: Path, out_dir: Path) -> None:
+    """Put the complete store ``new`` in place of ``out_dir``: a reader sees the old store or
+    the new one, never a mix. Swapped atomically where possible (``new`` then holds the old
+    store), else the old one is renamed aside and the new one in; the old one goes last."""
+    _fsync_dir(new)
+    if not out_dir.exists():
+        new.rename(out_dir)
+        old = None
+    elif _exchange(new, out_dir):
+        old = new
+    else:
+        old = _aside_name(out_dir, os.getpid())
+        out_dir.rename(old)
+        new.rename(out_dir)
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only",
+                errno.EFBIG: "file too large", errno.EIO: "input/output error", errno.EACCES: "permission denied",
+                errno.EPERM: "not permitted"}
+_READS_TOO = (errno.EIO, errno.EACCES, errno.EPERM)  # these also come from reading an input
+_LMDB_DISK_MESSAGES = ("Input/output error", "No space left", "Disk quota", "Read-only file system", "File too large",
+                       "Permission denied")
+
+
+def _write_error(e: BaseException, where: Path) -> LmdbWriteError | None:
+    """A one-line error for a write the disk refused (full, over quota, read-only) under
+    ``where``, saying what to do; None for any other error. LMDB reports a short write
+    (a full disk) as ``Input/output error``."""
+    if isinstance(e, lmdb.DiskError) or (isinstance(e, lmdb.Error) and any(m in str(e) for m in _LMDB_DISK_MESSAGES)):
+        cause = f"LMDB: {e}"
+    elif isinstance(e, OSError) and e.errno in _DISK_ERRNOS and not (
+            e.errno in _READS_TOO and e.filename and not Path(os.fsdecode(e.filename)).is_relative_to(where.parent)):
+        cause = f"{_DISK_ERRNOS[e.errno]}: {e}"
+    else:
+        return None
+    volume = next((p for p in where.parents if p.exists()), Path("."))
+    try:
+        usage = shutil.disk_usage(volume)
+        space = f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.1f} GiB"
+    except OSError:
+        space = "free space unknown"
+    return LmdbWriteError(f"cannot write the LMDB store at {where} ({cause}): the disk or volume holding {volume} is "
+                          f"full or not writable ({space}); free space there (or make it writable), or build the "
+                          "store on another volume (`mmcn build-lmdb --out DIR`), then build again")
 
 
 def _text_blocks(texts: _Texts) -> Iterator[bytes]:
@@ -392,19 +639,23 @@ def _write_split(split: str, data: _Split, features_dir: Path | None, tags: dict
                            "pairs": len(pairs) if first_shard else 0},
                 "feature_dim": region_features.FEATURE_DIM if features_dir is not None else 0, "has_tags": tags is not None,
                 "sources": {name: d.result() for name, d in digests.items()}, "chain": chain}
-        w.flush({
-            b"meta": json.dumps(meta, sort_keys=True).encode(),
-            b"image_ids": data.image_ids[first:end].astype("<i8").tobytes(),
-            b"text_ids": (texts.ids if first_shard else np.zeros(0, np.int64)).astype("<i8").tobytes(),
-            b"text_pairs": (texts.starts if first_shard else np.zeros(1, np.int64)).astype("<i8").tobytes(),
-            b"pairs": (pairs if first_shard else np.zeros((0, 2), np.int64)).astype("<i8").tobytes(),
-        })
+        meta_bytes = json.dumps(meta, sort_keys=True).encode()
+        arrays = {
+            b"image_ids": data.image_ids[first:end],
+            b"text_ids": texts.ids if first_shard else np.zeros(0, np.int64),
+            b"text_pairs": texts.starts if first_shard else np.zeros(1, np.int64),
+            b"pairs": pairs if first_shard else np.zeros((0, 2), np.int64),
+        }
+        w.flush({b"meta": meta_bytes, META_DIGEST: seal(meta_bytes, record_seed(b"meta"))[-DIGEST_BYTES:],
+                 **{name: seal(a.astype("<i8").tobytes(), record_seed(name)) for name, a in arrays.items()}})
         w.close()
         return {"boxes": boxes, "map_grown": w.grown}
 
-    with ThreadPoolExecutor(_workers(cfg), thread_name_prefix="lmdb-write") as pool:
-        shards = list(pool.map(write_shard, range(cfg.shards)))  # more shards than images: empty ones
-    bar.close()
+    try:
+        with ThreadPoolExecutor(_workers(cfg), thread_name_prefix="lmdb-write") as pool:
+            shards = list(pool.map(write_shard, range(cfg.shards)))  # more shards than images: empty ones
+    finally:
+        bar.close()
     data.lines.close()
     return {"images": n, "texts": len(texts.ids), "pairs": len(texts.image_ids),
             "boxes": sum(r["boxes"] for r in shards), "map_grown": sum(r["map_grown"] for r in shards)}

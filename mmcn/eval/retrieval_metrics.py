@@ -1,8 +1,10 @@
 """Retrieval recall R@1/5/10 and mean recall, as Chinese-CLIP's ``evaluation.py`` / ``evaluation_tr.py`` compute them.
 
 A query hits at k when ANY of its gold ids is among its top k; R@k is hits over ALL the
-queries of the references (a query without gold ids, or without a prediction, is a
-miss); mean recall = (R@1 + R@5 + R@10) / 3; everything in percent, computed in the same
+queries of the references (a query without gold ids is a miss); a predictions file that
+leaves out a reference query is an error, as in Chinese-CLIP ("The following text_ids have
+no prediction in your submission"), unless ``allow_missing``, which counts it as a miss;
+mean recall = (R@1 + R@5 + R@10) / 3; everything in percent, computed in the same
 order of float operations as Chinese-CLIP. Text-to-image queries are the texts of the
 texts file; image-to-text queries are the images named in some text's ``image_ids``
 (Chinese-CLIP's ``transform_ir_annotation_to_tr.py``), each with the texts naming it.
@@ -140,10 +142,13 @@ def gold_from_texts(texts: Sequence[tsv.Text], direction: Direction) -> dict[int
 
 
 def evaluate_predictions(gold: Mapping[int, Collection[int]], predictions: Mapping[int, RetrievalPrediction],
-                         direction: Direction = "t2i", source: str | Path = "predictions") -> dict[str, Any]:
+                         direction: Direction = "t2i", source: str | Path = "predictions",
+                         allow_missing: bool = False) -> dict[str, Any]:
     """Recall of top-10 predictions against ``gold`` plus ``n_queries`` and ``n_missing``.
 
-    A prediction for a query that is not in ``gold`` is an error naming its line in ``source``.
+    A prediction for a query that is not in ``gold`` is an error naming its line in ``source``;
+    so is a query of ``gold`` without a prediction (listing them all, as Chinese-CLIP's
+    ``evaluation.py`` / ``evaluation_tr.py`` do) unless ``allow_missing``: then it is a miss.
     """
     query_key = RETRIEVAL_KEYS[direction][0]
     unknown = [p for q, p in predictions.items() if q not in gold]
@@ -152,18 +157,26 @@ def evaluate_predictions(gold: Mapping[int, Collection[int]], predictions: Mappi
                             f"references ({len(unknown)} such lines: "
                             f"{format_ids([f'{p.query_id} (line {p.line})' for p in unknown])}); "
                             "predict the reference queries only")
+    missing = [q for q in gold if q not in predictions]
+    if missing and not allow_missing:
+        raise EvalFileError(f"{source}: the following {query_key}s have no prediction in your submission, please check "
+                            f"again: {format_ids(missing, limit=100)} ({len(missing)} of {len(gold)} queries; as in "
+                            "Chinese-CLIP's evaluation, every reference query needs a prediction; --allow-missing "
+                            "scores them as misses instead)")
     ranks = np.array([_first_hit(predictions[q].ranked_ids, g) if q in predictions else NEVER
                       for q, g in gold.items()], dtype=np.int64)
-    n_missing = sum(1 for q in gold if q not in predictions)
-    return {**recalls_from_ranks(ranks, KS), "n_queries": len(gold), "n_missing": n_missing}
+    return {**recalls_from_ranks(ranks, KS), "n_queries": len(gold), "n_missing": len(missing)}
 
 
 def _first_hit(ranked: Sequence[int], gold: Collection[int]) -> int:
     return next((rank for rank, item in enumerate(ranked) if item in gold), NEVER)
 
 
-def evaluate_retrieval_files(texts_path: Path, predictions_path: Path, direction: Direction = "t2i") -> dict[str, Any]:
+def evaluate_retrieval_files(texts_path: Path, predictions_path: Path, direction: Direction = "t2i",
+                             allow_missing: bool = False) -> dict[str, Any]:
     """Chinese-CLIP's result JSON for a texts file and a predictions file; never raises on bad input.
+    A reference query without a prediction fails the file (listing them) unless
+    ``allow_missing`` (then it counts as a miss and ``n_missing`` says how many).
 
     Success: ``{"success": true, "score", "scoreJson": {"score", "mean_recall", "r1", "r5",
     "r10"}, "n_queries", "n_missing"}``; failure: ``{"success": false, "score": 0,
@@ -176,7 +189,7 @@ def evaluate_retrieval_files(texts_path: Path, predictions_path: Path, direction
         except ValueError as e:
             raise EvalFileError(f"{texts_path}: {e}") from None
         predictions = read_retrieval_predictions(predictions_path, direction, TOP_K)
-        result = evaluate_predictions(gold, predictions, direction, predictions_path)
+        result = evaluate_predictions(gold, predictions, direction, predictions_path, allow_missing)
     except (ValueError, OSError) as e:  # EvalFileError is a ValueError
         message = str(e)
         return {"success": False, "score": 0, "scoreJson": {}, "errorMsg": message, "errorDetail": message}
