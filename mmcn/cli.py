@@ -73,7 +73,7 @@ def _cmd_eval_captions(args: argparse.Namespace) -> int:
 def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from mmcn.eval.retrieval_metrics import evaluate_retrieval_files
 
-    result = evaluate_retrieval_files(args.texts, args.predictions, args.direction)
+    result = evaluate_retrieval_files(args.texts, args.predictions, args.direction, args.allow_missing)
     if result.get("n_missing"):
         print(f"warning: {result['n_missing']} of {result['n_queries']} queries have no prediction in "
               f"{args.predictions} and count as misses", file=sys.stderr)
@@ -111,6 +111,16 @@ def _cmd_export_oscar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_features(args: argparse.Namespace) -> int:
+    from mmcn.data.oscar_import import ImportConfig, import_features
+
+    report = import_features(args.source, args.tsv, args.out,
+                             ImportConfig(shard_size=args.shard_size, check_geometry=not args.no_geometry_check))
+    print(json.dumps({k: report[k] for k in ("splits", "rows_without_image", "keys_without_id", "duplicate_ids")},
+                     ensure_ascii=False))
+    return 0
+
+
 def _cmd_translate(args: argparse.Namespace) -> int:
     from mmcn.text.translate import LabelTable, TranslateConfig, UnknownLabelError, translate_features
 
@@ -139,6 +149,24 @@ def _cmd_build_lmdb(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps({"splits": report["splits"], "left_out": len(report["skipped"])}, ensure_ascii=False))
     return 0
+
+
+def _cmd_verify_lmdb(args: argparse.Namespace) -> int:
+    from mmcn.data.lmdb_store import REBUILD, verify_store
+
+    try:
+        summary, problems = verify_store(args.dir, structure=not args.no_structure)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for problem in problems[:args.max_listed]:
+        print(problem, file=sys.stderr)
+    if len(problems) > args.max_listed:
+        print(f"... and {len(problems) - args.max_listed} more", file=sys.stderr)
+    if problems:
+        print(f"{args.dir}: {len(problems)} bad records; {REBUILD}", file=sys.stderr)
+    print(json.dumps({"ok": not problems, "bad": len(problems), "splits": summary}, ensure_ascii=False))
+    return 1 if problems else 0
 
 
 def _cmd_export_model(args: argparse.Namespace) -> int:
@@ -360,10 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Evaluate a Chinese-CLIP predictions file against a Chinese-CLIP texts file, as its "
             "evaluation.py (t2i) and evaluation_tr.py (i2t) do: a query hits at k if any gold id is in its "
-            "top k; the denominator is every query of the texts file (queries without a prediction count as "
-            "misses). Prints their result JSON (success, score, scoreJson with r1, r5, r10, mean_recall in "
-            "percent) plus n_queries and n_missing; exit 1 with success false and an errorMsg naming the line "
-            "on a bad predictions file."))
+            "top k; the denominator is every query of the texts file. Prints their result JSON (success, score, "
+            "scoreJson with r1, r5, r10, mean_recall in percent) plus n_queries and n_missing; exit 1 with success "
+            "false and an errorMsg naming the line on a bad predictions file, and listing the queries without a "
+            "prediction when there are any (as Chinese-CLIP does; --allow-missing counts them as misses)."))
     p.add_argument("--texts", type=Path, required=True,
                    help='Chinese-CLIP texts file: JSONL {"text_id", "text", "image_ids"}')
     p.add_argument("--predictions", type=Path, required=True,
@@ -371,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                         '{"image_id", "text_ids": [10 ids]} for i2t')
     p.add_argument("--direction", choices=("t2i", "i2t"), default="t2i",
                    help="t2i: text queries rank images; i2t: image queries rank texts")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score a file that leaves out reference queries, counting each as a miss (Chinese-CLIP "
+                        "fails such a file; n_missing says how many, and a warning goes to stderr)")
     p.set_defaults(func=_cmd_eval_retrieval)
     p = sub.add_parser("features", help="2054-dim region features of every image in a TSV folder (Ray Data)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -419,6 +450,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export_oscar)
 
     p = sub.add_parser(
+        "import-features", help="released VinVL/Oscar feature + label TSVs -> feature shards of the ingested images",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=("Read the feature rows (*.feature.tsv or features.tsv: JSON or 3-column rows, n x 2054 float32) "
+                     "and label rows (*.label.tsv, predictions.tsv, predictions_gt.tsv) under SOURCE, match them to "
+                     "the images of --tsv by id (an integer key is the id; otherwise the digits ending the key: "
+                     "COCO_val2014_000000391895 -> 391895), validate shapes and geometry, and write --out as the "
+                     "features stage does, with features_report.json (skipped images and why, rows without an "
+                     "image). The pipeline does this when params.yaml's features.source holds such files."))
+    p.add_argument("source", type=Path, help="folder of released feature and label TSVs")
+    p.add_argument("--tsv", type=Path, default=Path("data/tsv"), help="the ingested Chinese-CLIP folder")
+    p.add_argument("--out", type=Path, default=Path("data/features"), help="feature shard folder to write")
+    p.add_argument("--shard-size", type=int, default=256, help="images per Parquet shard")
+    p.add_argument("--no-geometry-check", action="store_true",
+                   help="skip the check that the features' boxes fit the ingested image's aspect ratio")
+    p.set_defaults(func=_cmd_import_features)
+
+    p = sub.add_parser(
         "translate", help="detector labels of a features folder -> Chinese tags per box (en->zh table)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=(
@@ -445,9 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Build OUT/{split}/ LMDB environments holding the original image bytes, texts, text->image pairs, "
             "features (float32), boxes and Chinese tags, with a metadata record (schema version, counts, source "
-            "checksums, feature dim). No pickle. Written under a temporary name and renamed when complete; the map "
-            "grows as needed. Images without features or tags and pairs without a stored image are left out and "
-            "listed in OUT/lmdb_report.json (--strict: an error)."))
+            "checksums, feature dim) and an XXH3 checksum in every record (`mmcn verify-lmdb`). No pickle. Written "
+            "under a temporary name (OUT.tmp-PID) and swapped in atomically when complete; the same inputs give the "
+            "same bytes. One build per OUT at a time: a second fails at once naming the first's pid (lock: "
+            "OUT.lock). The map grows as needed. Images without features or tags and pairs without a stored image "
+            "are left out and listed in OUT/lmdb_report.json (--strict: an error)."))
     d = _defaults(LmdbConfig)
     p.add_argument("--tsv", type=Path, required=True, help="Chinese-CLIP folder ({split}_imgs.tsv, _texts.jsonl)")
     p.add_argument("--out", type=Path, required=True, help="output folder (replaced when the build completes)")
@@ -458,6 +508,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail instead of leaving out inconsistent records")
     p.add_argument("--map-size-mb", type=int, default=d["map_size_mb"], help="initial LMDB map size (doubles when full)")
     p.set_defaults(func=_cmd_build_lmdb)
+
+    p = sub.add_parser(
+        "verify-lmdb", help="check every record of an LMDB store against its checksum (and LMDB's page structure)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Read every record of every split under DIR (data/lmdb, or one split such as data/lmdb/test) and check "
+            "it against the XXH3 checksum written with it, that every record the metadata counts is there, and "
+            "(unless --no-structure) LMDB's own page structure first. Exit 0: all good; 1: bad records, listed on "
+            "stderr with their split, database and key (rebuild: `dvc repro -f lmdb` or `mmcn build-lmdb`); "
+            "2: DIR is not a store. Prints a JSON summary (ok, bad, records checked per split)."))
+    p.add_argument("dir", type=Path, help="the store (data/lmdb) or one split of it")
+    p.add_argument("--no-structure", action="store_true",
+                   help="skip the check of LMDB's page structure (lmdb.verify, pure Python: the slower part)")
+    p.add_argument("--max-listed", type=int, default=100, help="bad records listed at most")
+    p.set_defaults(func=_cmd_verify_lmdb)
 
     p = sub.add_parser(
         "caption", help="caption raw image files with the trained caption model (detector -> tags -> caption)",

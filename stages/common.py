@@ -45,6 +45,15 @@ def stage_params(section: str) -> dict:
     return dict(found)
 
 
+def stage_param(dotted: str):
+    """One value of params.yaml (``"features.source"``), for a stage that depends on that one
+    setting of another stage's section and declares just it in dvc.yaml's ``params:``."""
+    section, _, key = dotted.rpartition(".")
+    found = _lookup(_load(), section)
+    if found is None or key not in found:
+        raise SettingsError(f"{PARAMS_FILE}: {dotted}: missing; add it (see README)")
+    return found[key]
+
 
 def execution_params(section: str) -> dict:
     """``execution.{section}`` of params.yaml (e.g. ``{"workers": 4}``): settings that change

@@ -1,16 +1,19 @@
 """DVC stage `detector`: train the native detector on data/tsv's ground-truth boxes, or
-convert given detectron2 / VinVL weights; writes models/detector/ and metrics/detector.json."""
+convert given detectron2 / VinVL weights; writes models/detector/ and metrics/detector.json.
+With released features in ``features.source`` no detector is needed: the stage writes a
+folder that says so (and the features stage imports them)."""
 import csv
 import json
 from pathlib import Path
 
-from common import run, stage_params, start
+from common import run, stage_param, stage_params, start
 
+from mmcn.data.oscar_import import find_files
 from mmcn.eval.detection import evaluate_detector
 from mmcn.settings import SettingsError, build, expect
 from mmcn.vision.checkpoint import load_checkpoint
 from mmcn.vision.config import PRESETS, detector_config
-from mmcn.vision.detector import build_detector, save_detector
+from mmcn.vision.detector import build_detector, save_detector, save_no_detector
 from mmcn.vision.train import DetectorTrainConfig, load_samples, train_detector, vocab_from_manifest
 
 TSV = Path("data/tsv")
@@ -33,21 +36,27 @@ def checkpoint_file(weights: Path) -> Path | None:
     return found[0] if found else None
 
 
-def read_params() -> tuple[str, Path | None, DetectorTrainConfig]:
-    """``(arch, checkpoint file or None: train, training settings)``, checked."""
+def read_params() -> tuple[str, Path | None, DetectorTrainConfig, Path]:
+    """``(arch, checkpoint file or None: train, training settings, features.source)``, checked."""
     p = stage_params("detector")
     arch = expect(p, "detector", "arch", choices=tuple(PRESETS))
     expect(p, "detector", "weights", path="any")
+    source = Path(expect({"source": stage_param("features.source")}, "features", "source", path="any"))
     return arch, checkpoint_file(Path(p["weights"])), build(DetectorTrainConfig, ("detector", p),
-                                                             own=("weights", "arch"))
+                                                             own=("weights", "arch")), source
 
 
 def main() -> None:
     log = start("detector")
-    arch, weights, train_cfg = read_params()
+    arch, weights, train_cfg, source = read_params()
     METRICS.parent.mkdir(exist_ok=True)
     PLOT.parent.mkdir(exist_ok=True)
-    if weights:
+    if find_files(source)[0]:
+        reason = f"features imported from {source} (features.source)"
+        log.info("no detector: %s", reason)
+        model, history, metrics = None, [], {"source": "none", "reason": reason}
+        save_no_detector(OUT, reason)
+    elif weights:
         model = load_checkpoint(weights, detector_config(arch))  # CheckpointError (a ValueError): exit 2
         history = []
         metrics = {"source": "converted", "arch": arch}
@@ -62,7 +71,8 @@ def main() -> None:
                    "AP50": {k: round(v, 4) for k, v in result["AP"].items()}, "valid_images": result["n_images"],
                    "train_images": len(train), "steps": len(history)}
         log.info("valid mAP@0.5 = %.3f (%d images)", result["mAP"], result["n_images"])
-    save_detector(model, OUT)
+    if model is not None:
+        save_detector(model, OUT)
     METRICS.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     with open(PLOT, "w", newline="") as f:
         fields = ["step", "epoch", "lr", "loss"] + sorted(k for k in (history[0] if history else {}) if k.startswith("loss_"))

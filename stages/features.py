@@ -1,24 +1,34 @@
-"""DVC stage `features`: run models/detector/ over data/tsv/ with Ray Data -> data/features/."""
+"""DVC stage `features`: run models/detector/ over data/tsv/ with Ray Data -> data/features/,
+or, when ``features.source`` holds released Oscar/VinVL feature and label TSVs, import those."""
 from pathlib import Path
 
 from common import execution_params, ray_settings, run, stage_params, start, start_ray
 
-from mmcn.settings import build
+from mmcn.data.oscar_import import ImportConfig, find_files, import_features
+from mmcn.settings import build, expect
 from mmcn.vision.extract import ExtractConfig, extract_features
 
+TSV, OUT = Path("data/tsv"), Path("data/features")
 
-def read_params() -> ExtractConfig:
-    cfg = build(ExtractConfig, ("features", stage_params("features")),
-                ("execution.features", execution_params("features")))
+
+def read_params() -> tuple[Path, ExtractConfig]:
+    """``(features.source: a folder of released features, or one without: extract; the extraction settings)``."""
+    p = stage_params("features")
+    expect(p, "features", "source", path="any")
+    source = Path(p["source"])
+    cfg = build(ExtractConfig, ("features", p), ("execution.features", execution_params("features")), own=("source",))
     ray_settings()
-    return cfg
+    return source, cfg
 
 
 def main() -> None:
     start("features")
-    cfg = read_params()
+    source, cfg = read_params()
+    if find_files(source)[0]:
+        import_features(source, TSV, OUT, ImportConfig(shard_size=cfg.shard_size))
+        return
     start_ray()
-    extract_features(Path("models/detector"), Path("data/tsv"), Path("data/features"), cfg)
+    extract_features(Path("models/detector"), TSV, OUT, cfg)
 
 
 if __name__ == "__main__":

@@ -110,8 +110,9 @@ def read_params(stage: Stage, root: Path) -> tuple[set[str], set[str]]:
     tree = ast.parse((root / stage.script).read_text(encoding="utf-8"))
     calls = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "stage_params":
-            assert len(node.args) == 1, f"{stage.script}:{node.lineno}: stage_params takes one section"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("stage_params",
+                                                                                              "stage_param"):
+            assert len(node.args) == 1, f"{stage.script}:{node.lineno}: {node.func.id} takes one section"
             calls[node] = section_name(node.args[0], stage, stage.script)
     bound = {}  # variable -> section, for `p = stage_params(...)` (or `a, b = stage_params(...), ...`)
     for node in ast.walk(tree):
@@ -124,6 +125,9 @@ def read_params(stage: Stage, root: Path) -> tuple[set[str], set[str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Path" and node.args:
             arg = node.args[0]
+            if arg in calls and arg.func.id == "stage_param":  # Path(stage_param("a.b"))
+                paths.add(calls[arg])
+                continue
             if isinstance(arg, ast.Subscript) and isinstance(arg.value, ast.Name):
                 var, key = arg.value.id, arg.slice
             elif isinstance(arg, ast.Call) and isinstance(arg.func, ast.Attribute) and arg.func.attr in (
@@ -207,11 +211,11 @@ def test_the_check_names_the_stage_and_the_missing_or_excess_dep():
     problems = check(stages(broken, params), params)
     print("\n".join(problems))
     assert any(p.startswith("translate: missing dep mmcn/data/tags.py") for p in problems)
-    assert {p.split(":")[0] for p in problems if "mmcn/eval/retrieval_metrics.py" in p} == {"train@caption",
-                                                                                           "train@retrieval"}
+    assert {p.split(":")[0] for p in problems if "mmcn/eval/retrieval_metrics.py" in p} == {
+        "train@pretrain", "train@caption", "train@retrieval"}
     assert any(p.startswith("demo: excess dep mmcn/data/tsv.py") for p in problems)
     assert any(p.startswith("evaluate@caption: params: lists train") for p in problems)
-    assert len(problems) == 6  # evaluate@ twice
+    assert len(problems) == 7  # train@ three times, evaluate@ twice
 
 
 def test_the_check_sees_params_read_and_paths_opened(tmp_path):
@@ -226,7 +230,7 @@ def test_the_check_sees_params_read_and_paths_opened(tmp_path):
     assert any(p.startswith("train@retrieval: params section retrieval.model is read by stages/train.py")
                for p in problems)
     assert any(p.startswith("features: params: lists execution, an execution setting") for p in problems)
-    assert len(problems) == 4
+    assert len(problems) == 5  # train@pretrain, train@caption, train@retrieval
 
 
 def test_stage_params_must_be_literal(tmp_path):

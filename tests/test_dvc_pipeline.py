@@ -30,10 +30,12 @@ TINY = {"demo": {"train": 12, "valid": 4, "test": 4},
         "detector": {"epochs": 1, "batch_size": 4, "warmup_steps": 1, "max_images": 8},
         "features": {"min_boxes": 2, "max_boxes": 4, "shard_size": 8},
         "train": {"workers": 0},  # in-process: Ray Train workers are tested in test_train
+        "pretrain": {"model": {"size": "tiny", "max_text_len": 24, "max_regions": 4}, "train": TINY_TRAIN},
         "caption": {"model": TINY_MODEL, "train": TINY_TRAIN, "eval": TINY_EVAL["caption"]},
         "retrieval": {"model": {**TINY_MODEL, "match_weight": 1.0}, "train": TINY_TRAIN, "eval": TINY_EVAL["retrieval"]},
         "execution": {"ingest": {"workers": 1}, "train": {"cpus_per_worker": 1}}}
-MODEL_STAGES = {"train@caption", "train@retrieval", "evaluate@caption", "evaluate@retrieval", "report"}
+FINE_TUNE_STAGES = {"train@caption", "train@retrieval", "evaluate@caption", "evaluate@retrieval", "report"}
+MODEL_STAGES = {"train@pretrain"} | FINE_TUNE_STAGES
 CAPTION_STAGES = {"train@caption", "evaluate@caption", "report"}
 DATA_STAGES = {"demo", "ingest", "detector", "features", "translate", "lmdb"}
 ALL_STAGES = DATA_STAGES | MODEL_STAGES
@@ -75,6 +77,7 @@ def repo(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "data/labels_zh_overrides.tsv", repo / "data/labels_zh_overrides.tsv")
     shutil.copytree(ROOT / "data/detector_weights", repo / "data/detector_weights")  # detector.weights: none there
     shutil.copytree(ROOT / "data/init", repo / "data/init")  # {task}.model.init: none there
+    shutil.copytree(ROOT / "data/released_features", repo / "data/released_features")  # features.source: none there
     for tree in ("stages", "mmcn"):
         shutil.copytree(ROOT / tree, repo / tree, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     set_params(repo, TINY)
@@ -173,6 +176,17 @@ def test_experiment_workflow(repo):
 
 
 @pytest.mark.slow
+def test_a_pretrain_param_reruns_pretraining_and_the_fine_tunes_only(repo):
+    assert json.loads((repo / "models/caption/mmcn.json").read_text())["model"]["init"] == "models/pretrain"
+    pretrain = json.loads((repo / "metrics/train_pretrain.json").read_text())
+    assert {"valid_mlm_accuracy", "valid_contrast_accuracy_0", "valid_contrast_accuracy_2"} <= set(pretrain)
+    set_params(repo, {"pretrain": {"train": {"lr": 0.002}}})
+    assert ran(run(repo, *DVC, "repro")) == MODEL_STAGES
+    run(repo, "git", "checkout", "--", "params.yaml", "dvc.lock")
+    run(repo, *DVC, "checkout", "-q")
+
+
+@pytest.mark.slow
 def test_upstream_changes_rerun_only_what_follows(repo):
     dvc = DVC
     # upstream changes rerun exactly the changed stage and what follows it (checked up to
@@ -195,3 +209,43 @@ def test_upstream_changes_rerun_only_what_follows(repo):
     assert ran(run(repo, *dvc, "repro", "lmdb")) == {"detector", "features", "translate", "lmdb"}
 
     assert "train@caption" in run(repo, *dvc, "status")  # the model stages are now out of date
+
+
+@pytest.mark.slow
+def test_released_features_replace_the_detector(repo):
+    # a release in Oscar's retrieval layout (3-column features.tsv + predictions.tsv), made from
+    # this repo's own features with English labels, as VinVL's releases come
+    run(repo, sys.executable, "-m", "mmcn.cli", "export-oscar", "--features", "data/features", "--out", "release",
+        "--tasks", "retrieval", "--labels", "en")
+    before = {r["image_id"]: r for r in _features(repo)}
+    released = repo / "data/released_features"
+    for name in ("features.tsv", "predictions.tsv"):
+        shutil.move(repo / "release/retrieval" / name, released / name)
+    out = run(repo, *DVC, "repro", "lmdb")
+    assert ran(out) == {"detector", "features", "translate", "lmdb"}
+    assert json.loads((repo / "metrics/detector.json").read_text())["source"] == "none"
+    assert not (repo / "models/detector/model.safetensors").exists()
+    assert "imported from data/released_features" in (repo / "models/detector/no_detector.json").read_text()
+    report = json.loads((repo / "data/features/features_report.json").read_text())
+    assert report["source"] == "data/released_features" and report["skipped"] == []
+    after = {r["image_id"]: r for r in _features(repo)}
+    assert after.keys() == before.keys()
+    for image_id, r in after.items():
+        assert r["features"] == before[image_id]["features"] and r["classes"] == before[image_id]["classes"]
+    assert json.loads((repo / "metrics/translate.json").read_text(encoding="utf-8"))["images"]["train"] == 12
+    # back to the detector (the release removed): it runs again (DVC's run cache skips stages with
+    # uncached outputs such as metrics/detector.json), and the features are extracted again
+    for name in ("features.tsv", "predictions.tsv"):
+        (released / name).unlink()
+    out = run(repo, *DVC, "repro", "lmdb")
+    assert ran(out) == {"detector", "features", "translate", "lmdb"}
+    assert (repo / "models/detector/model.safetensors").is_file()
+    assert "source" not in json.loads((repo / "data/features/features_report.json").read_text())
+
+
+def _features(repo: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [row for path in sorted((repo / "data/features").glob("*/part-*.parquet"))
+            for row in pq.read_table(path, columns=["image_id", "classes", "features"]).to_pylist()]
+

@@ -92,3 +92,37 @@ class RetrievalDataset(Dataset):
     def text(self, index: int) -> dict:
         t = self.store.text_at(index)
         return {"text_id": t.text_id, "text": t.text, "image_ids": t.image_ids}
+
+
+class PretrainDataset(Dataset):
+    """Oscar+ pretraining: one item per (caption, image) pair (Oscar's corpus rows), with the
+    image's tag text (Oscar's text b). The collator (:class:`mmcn.models.inputs.PretrainCollator`)
+    pollutes pairs with other pairs' texts through :meth:`pair_caption`, :meth:`pair_tags` and
+    :meth:`pair_image_id` (every image's tag text is read once, here).
+
+    Item: ``image_id``, ``features`` (n, 2054), ``tags``, ``text_id``, ``caption``.
+    """
+
+    def __init__(self, store: LmdbStore | Path | str):
+        self.store = _store(store)
+        self._pairs = self.store.pair_positions
+        self._tags = [self.store.get(i, ("regions",)).tag_text for i in range(len(self.store))]
+        self._image_ids = [int(i) for i in self.store.image_ids]
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        text_pos, image_pos = self._pairs[i].tolist()
+        item = _image_item(self.store, image_pos)
+        item.update(text_id=int(self.store.text_ids[text_pos]), caption=self.store.text_str(text_pos))
+        return item
+
+    def pair_caption(self, i: int) -> str:
+        return self.store.text_str(int(self._pairs[i][0]))
+
+    def pair_tags(self, i: int) -> str:
+        return self._tags[int(self._pairs[i][1])]
+
+    def pair_image_id(self, i: int) -> int:
+        return self._image_ids[int(self._pairs[i][1])]

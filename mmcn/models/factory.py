@@ -1,4 +1,5 @@
-"""Build a task's model from a size name (or a local pretrained BERT), and load saved ones."""
+"""Build a task's model from a size name (or a local pretrained BERT, an Oscar folder, or
+mmcn's own pretrained model), and load saved ones."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,16 @@ from transformers import BertConfig
 from mmcn.models import oscar
 from mmcn.models.base import SIZES, VLPreTrainedModel, load_pretrained_bert
 from mmcn.models.caption import CaptionConfig, CaptionModel
+from mmcn.models.pretrain import PretrainConfig, PretrainModel
 from mmcn.models.retrieval import RetrievalConfig, RetrievalModel
 
-TASKS = {"caption": (CaptionConfig, CaptionModel), "retrieval": (RetrievalConfig, RetrievalModel)}
+TASKS = {"caption": (CaptionConfig, CaptionModel), "retrieval": (RetrievalConfig, RetrievalModel),
+         "pretrain": (PretrainConfig, PretrainModel)}
+# what a fine-tune takes over from mmcn's pretrained model: its architecture ...
+ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+                "max_position_embeddings", "type_vocab_size", "vocab_size", "layer_norm_eps", "img_feature_dim",
+                "use_img_layernorm", "img_layer_norm_eps", "add_pooler")
+SHARED = ("bert.", "img_embedding.", "img_norm.")   # ... and these weights (+ cls.predictions.* for captioning)
 MODEL_TYPES = {config.model_type: (task, model) for task, (config, model) in TASKS.items()}
 
 
@@ -22,6 +30,8 @@ def build_model(task: str, vocab_size: int, size: str = "small", init: str = "",
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     config_cls, model_cls = TASKS[task]
+    if init and _model_type(init) == PretrainConfig.model_type:
+        return from_pretrained_model(task, init, settings)
     if init and oscar.is_oscar_dir(init):  # Oscar's architecture and layout; settings may change the rest
         found = oscar.mmcn_settings(init, task, _layout(settings))
         fixed = oscar.fixed_settings(found)
@@ -41,6 +51,39 @@ def build_model(task: str, vocab_size: int, size: str = "small", init: str = "",
     model = model_cls(config_cls(**shape, **settings))
     if init:
         load_pretrained_bert(model, init)
+    return model
+
+
+def _model_type(path: str) -> str | None:
+    config = Path(path) / "config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+
+
+def from_pretrained_model(task: str, path: str, settings: dict) -> VLPreTrainedModel:
+    """A ``task`` model that starts from mmcn's pretrained model in ``path`` (the pretrain stage's
+    ``models/pretrain``): its architecture, its encoder, region projection and pooler and, for
+    captioning (or pretraining further), its masked-token head; the task's own heads start
+    afresh. ``settings`` give the task's layout and options."""
+    import logging
+
+    source = PretrainModel.from_pretrained(path, local_files_only=True)
+    config_cls, model_cls = TASKS[task]
+    shape = {k: getattr(source.config, k) for k in ARCHITECTURE}
+    if task == "pretrain":
+        shape.update({k: getattr(source.config, k) for k in ("texta_false_prob", "textb_sample_mode",
+                                                             "mask_loss_for_unmatched", "num_contrast_classes")})
+    model = model_cls(config_cls(**{**settings, **shape}))
+    own, state = model.state_dict(), source.state_dict()
+    heads = ("cls.predictions.",) if hasattr(model, "cls") else ()
+    heads += ("cls.seq_relationship.",) if task == "pretrain" else ()
+    taken = {k: v for k, v in state.items() if k.startswith(SHARED + heads) and k in own}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in taken.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: weights do not fit the {task} model: {'; '.join(wrong[:5])}")
+    model.load_state_dict(taken, strict=False)
+    fresh = sorted({k.split(".")[0] for k in own if k not in taken and not k.endswith("position_ids")} - {"bert"})
+    logging.getLogger(__name__).info("%s: %s model from mmcn's pretrained model (%d tensors); new: %s", path, task,
+                                     len(taken), ", ".join(fresh) or "none")
     return model
 
 

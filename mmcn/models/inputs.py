@@ -161,3 +161,108 @@ class RetrievalCollator:
             batch["neg_partner"], batch["neg_swap_text"] = random_negatives(batch["image_ids"], batch["text_ids_key"],
                                                                             self.generator)
         return batch
+
+
+def truncate_pair(a: list[int], b: list[int], room: int) -> None:
+    """Oscar's ``_truncate_seq_pair``: drop the last token of the longer list (of b on a tie)
+    until both fit in ``room`` together; in place."""
+    while len(a) + len(b) > room:
+        (a if len(a) > len(b) else b).pop()
+
+
+class PretrainCollator:
+    """Oscar+ pretraining batches, as ``OscarTSVDataset`` (oscar/datasets/oscar_tsv.py) makes them.
+
+    Per item (a caption a, its image's tag text b, regions), from ``generator``:
+
+    * **polluted pairs** (``random_sent``): a uniform draw u; u > 0.5 keeps the pair (label 0);
+      else if u > ``texta_false_prob`` and b is not empty, b is replaced by another pair's text
+      (label 1; ``textb_sample_mode`` 1: that pair's tag text, 0: its caption or tag text, one
+      chance in two); else a is replaced by another pair's caption (label C - 1). "Another
+      pair": a uniform draw over the ``pool``'s pairs, redrawn up to 10 times while it shows
+      the same image;
+    * **truncation**: a and b cut longest-first to ``max_text_len - 3`` tokens together;
+    * **masking** (``random_word``): every token of a and of b independently with probability
+      ``mask_prob``: then 80% [MASK], 10% a random token, 10% kept, and its id is the label;
+      b keeps no label when ``mask_loss_for_unmatched`` is false and the pair's label is 1;
+    * the sequence ``[CLS] a [SEP] b [SEP]`` (token types 0 then 1; ``[CLS] a [SEP]`` alone when b
+      is empty) padded to ``max_text_len``; regions (at most ``max_regions``) padded with a mask.
+      Regions are never masked.
+    """
+
+    def __init__(self, tokenizer, config, pool, mask_prob: float = 0.15, generator: torch.Generator | None = None):
+        self.tokenizer, self.config, self.pool = tokenizer, config, pool
+        self.mask_prob = mask_prob
+        self.generator = generator
+
+    def _rand(self) -> float:
+        return float(torch.rand(1, generator=self.generator))
+
+    def _other(self, image_id: int) -> int:
+        for _ in range(10):
+            j = int(torch.randint(len(self.pool), (1,), generator=self.generator))
+            if self.pool.pair_image_id(j) != image_id:
+                break
+        return j
+
+    def pollute(self, item: dict) -> tuple[str, str, int]:
+        """``(a, b, label)`` of one item (see the class)."""
+        c = self.config
+        a, b = item["caption"], item["tags"]
+        u = self._rand()
+        if u > 0.5:
+            return a, b, 0
+        if u > c.texta_false_prob and b:
+            j = self._other(item["image_id"])
+            if c.textb_sample_mode == 0 and self._rand() < 0.5:
+                return a, self.pool.pair_caption(j), 1
+            return a, self.pool.pair_tags(j), 1
+        return self.pool.pair_caption(self._other(item["image_id"])), b, c.num_contrast_classes - 1
+
+    def mask(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """``(ids, labels)`` after BERT's masking of every token with probability ``mask_prob``."""
+        tok = self.tokenizer
+        out, labels = list(ids), [-100] * len(ids)
+        for k, token in enumerate(ids):
+            p = self._rand()
+            if p >= self.mask_prob:
+                continue
+            p /= self.mask_prob
+            labels[k] = token
+            if p < 0.8:
+                out[k] = tok.mask_token_id
+            elif p < 0.9:
+                out[k] = int(torch.randint(len(tok), (1,), generator=self.generator))
+        return out, labels
+
+    def __call__(self, items: list[dict]) -> dict:
+        c, tok = self.config, self.tokenizer
+        length = c.max_text_len
+        ids = torch.full((len(items), length), tok.pad_token_id, dtype=torch.long)
+        types = torch.zeros((len(items), length), dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.bool)
+        lm_labels = torch.full((len(items), length), -100, dtype=torch.long)
+        contrast = torch.zeros(len(items), dtype=torch.long)
+        for i, item in enumerate(items):
+            a, b, label = self.pollute(item)
+            ta, tb = tok([a, b], add_special_tokens=False)["input_ids"]
+            truncate_pair(ta, tb, length - 3)
+            ta, la = self.mask(ta)
+            if tb and (c.mask_loss_for_unmatched or label != 1):
+                tb, lb = self.mask(tb)
+            else:
+                lb = [-100] * len(tb)
+            row = [tok.cls_token_id, *ta, tok.sep_token_id]
+            labels = [-100, *la, -100]
+            if tb:
+                row += [*tb, tok.sep_token_id]
+                labels += [*lb, -100]
+                types[i, len(ta) + 2:len(row)] = 1
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = True
+            lm_labels[i, :len(row)] = torch.tensor(labels)
+            contrast[i] = label
+        feats, img_mask = regions(items, c.max_regions, c.img_feature_dim)
+        return {"input_ids": ids, "token_type_ids": types, "text_mask": mask, "img_feats": feats, "img_mask": img_mask,
+                "lm_labels": lm_labels, "contrast_labels": contrast,
+                "image_id": torch.tensor([it["image_id"] for it in items])}

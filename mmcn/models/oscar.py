@@ -16,7 +16,8 @@ Key map (Oscar -> mmcn): ``bert.embeddings.*``, ``bert.encoder.*``, ``bert.poole
 -> ``img_norm.*``; ``cls.predictions.*`` stay (``cls.predictions.bias`` is also the
 decoder's bias; a decoder equal to the word embeddings is a tied one); ``classifier.*`` (the
 retrieval matcher on the pooled [CLS]) -> ``match_head.*``; ``cls.seq_relationship.*`` (the
-pretrained 3-way head) has no place in a caption or retrieval model. Every key must be
+pretrained 3-way head) stays in a pretraining model (:mod:`mmcn.models.pretrain`) and has no
+place in a caption or retrieval model. Every key must be
 placed and every model weight filled: anything else is an error naming the keys and file.
 """
 from __future__ import annotations
@@ -119,7 +120,11 @@ def mmcn_settings(path: Path | str, task: str, layout: dict | None = None) -> di
         seq, seq_a = int(args.get("max_seq_length", 70)), int(args.get("max_seq_a_length", 40))
         layout.update(max_regions=int(args.get("max_img_seq_length", 50)),
                       add_od_labels=bool(args.get("add_od_labels", True)))
-        layout.update(max_text_len=seq_a, max_tag_len=seq - seq_a) if task == "caption" else \
+        if task == "caption":
+            layout.update(max_text_len=seq_a, max_tag_len=seq - seq_a)
+        elif task == "pretrain":
+            layout.update(max_text_len=seq, max_tag_len=0)
+        else:
             layout.update(max_text_len=seq, max_tag_len=seq)
     settings.update(layout)
     if task == "caption":
@@ -128,6 +133,13 @@ def mmcn_settings(path: Path | str, task: str, layout: dict | None = None) -> di
         settings.update(tie_word_embeddings=tied, copy_tags=False, loss_form="oscar",
                         **{k: config[k] for k in ("label_smoothing", "drop_worst_ratio", "drop_worst_after")
                            if k in config})
+    elif task == "pretrain":
+        if "cls.seq_relationship.weight" not in state:
+            raise OscarCheckpointError(f"{path / WEIGHTS}: no cls.seq_relationship.* (the contrastive head): not a "
+                                       "pretrained Oscar model; pretraining starts from a BERT or an Oscar+ checkpoint")
+        settings.update(num_contrast_classes=int(state["cls.seq_relationship.weight"].shape[0]),
+                        **{k: type_(args[k]) for k, type_ in (("texta_false_prob", float), ("textb_sample_mode", int),
+                                                              ("mask_loss_for_unmatched", bool)) if k in args})
     elif task == "retrieval":
         if config.get("classifier", "linear") != "linear" or int(config.get("num_labels", 2)) != 2:
             raise OscarCheckpointError(f"{path / 'config.json'}: classifier {config.get('classifier')!r} with "
@@ -143,7 +155,8 @@ def fixed_settings(settings: dict) -> set[str]:
         else set()
     return set(BERT_FIELDS) | layout | {"img_feature_dim", "use_img_layernorm", "img_layer_norm_eps", "add_pooler",
                                         "oscar", "tie_word_embeddings", "dual_encoder", "match_head", "negatives",
-                                        "match_weight"}  # a matcher alone: its loss is the loss
+                                        "match_weight",  # a matcher alone: its loss is the loss
+                                        "num_contrast_classes"}
 
 
 def to_mmcn_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -169,7 +182,7 @@ def load_into(model, path: Path | str) -> list[str]:
     raw = read_state_dict(path)
     source_task, state = checkpoint_task(raw), to_mmcn_state(raw)
     own = model.state_dict()
-    target_task = "caption" if hasattr(model, "cls") else "retrieval"
+    target_task = _task_of(model)
     foreign = [k for k in state if any(k.startswith(p) for p in TASK_HEADS[source_task])
                and not any(k.startswith(p) for p in TASK_HEADS[target_task])]
     unexpected = sorted(k for k in state if k not in own and k not in foreign)
@@ -196,10 +209,17 @@ def load_into(model, path: Path | str) -> list[str]:
     return foreign
 
 
+def _task_of(model) -> str:
+    """The Oscar head set of an mmcn model: pretrained | caption | retrieval."""
+    if hasattr(model, "cls"):
+        return "pretrained" if hasattr(model.cls, "seq_relationship") else "caption"
+    return "retrieval"
+
+
 # --------------------------------------------------------------------------- export
 
 def export(model, tokenizer, out_dir: Path | str) -> dict:
-    """Write ``model`` (an mmcn caption or retrieval model) as an Oscar folder into ``out_dir``:
+    """Write ``model`` (an mmcn caption, retrieval or pretraining model) as an Oscar folder into ``out_dir``:
     ``pytorch_model.bin`` in Oscar's key names, ``config.json`` with Oscar's fields (an imported
     model's own config, updated), ``training_args.bin`` with the layout, ``vocab.txt`` and the
     tokenizer's maps. Weights Oscar has no place for (the copy heads of ``copy_tags``, the
@@ -209,7 +229,7 @@ def export(model, tokenizer, out_dir: Path | str) -> dict:
 
     out = Path(out_dir)
     cfg = model.config
-    task = "caption" if hasattr(model, "cls") else "retrieval"
+    task = _task_of(model)
     if task == "retrieval" and cfg.match_head != "oscar":
         raise OscarCheckpointError("this retrieval model's matcher reads the [CLS] state, Oscar's the pooled one "
                                    "(match_head 'oscar'): Oscar could not score pairs with it; export a model "
@@ -226,7 +246,7 @@ def export(model, tokenizer, out_dir: Path | str) -> dict:
                 key = new + key[len(old):]
                 break
         state[key] = value.detach().clone()
-    if task == "caption" and "cls.predictions.decoder.weight" not in state:
+    if task in ("caption", "pretrained") and "cls.predictions.decoder.weight" not in state:
         state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"].clone()
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / WEIGHTS)
@@ -239,13 +259,21 @@ def export(model, tokenizer, out_dir: Path | str) -> dict:
         config.update(tie_weights=bool(cfg.tie_word_embeddings), label_smoothing=cfg.label_smoothing,
                       drop_worst_ratio=cfg.drop_worst_ratio, drop_worst_after=cfg.drop_worst_after)
         config.setdefault("freeze_embedding", False)
+    elif task == "pretrained":
+        config.update(num_contrast_classes=cfg.num_contrast_classes)
     else:
         config.update(num_labels=2)
         config.setdefault("loss_type", "sfmx")
     config.pop("vocab_size_or_config_json_file", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     args = dict((cfg.oscar or {}).get("training_args") or {})
-    if not args:
+    if not args and task == "pretrained":  # run_oscarplus_pretrain.py's own flags
+        args = {"max_seq_length": cfg.max_text_len, "max_img_seq_length": cfg.max_regions, "use_b": 1,
+                "texta_false_prob": cfg.texta_false_prob, "textb_sample_mode": cfg.textb_sample_mode,
+                "mask_loss_for_unmatched": int(cfg.mask_loss_for_unmatched),
+                "num_contrast_classes": cfg.num_contrast_classes, "img_feature_dim": cfg.img_feature_dim,
+                "do_lower_case": True}
+    elif not args:
         seq_a = cfg.max_text_len
         args = {"max_seq_length": seq_a + cfg.max_tag_len if task == "caption" else cfg.max_text_len,
                 "max_seq_a_length": seq_a, "max_img_seq_length": cfg.max_regions,

@@ -12,8 +12,8 @@ streams (torch CPU and CUDA, numpy, python ``random``: dropout), so a run resume
 ends with the same weights as one never stopped (bit for bit on CPU with pinned threads).
 Checkpoints live under ``storage_path/run_name`` (outside DVC's
 outputs); the run name is the task and a fingerprint (:func:`_fingerprint`) of the
-settings, the content of the train and valid data and the code that trains, so rerunning a
-killed training with all of it unchanged continues from its last checkpoint (Ray Train
+settings, the content of the train and valid data, of the starting weights (``init``) and
+of the code that trains, so rerunning a killed training with all of it unchanged continues from its last checkpoint (Ray Train
 restores the run from storage), any change starts a new run, and ``FailureConfig``
 restarts crashed workers from it.
 """
@@ -60,6 +60,7 @@ class TrainConfig:
     cpus_per_worker: int = 1        # CPU threads of each worker's torch
     use_gpu: bool = False
     max_failures: int = 2           # worker crashes survived (restart from the last checkpoint)
+    train_fraction: float = 1.0     # train on the pairs of the first share of the train images (a smaller budget)
 
     def __post_init__(self) -> None:
         """Ranges and choices; messages start with the field (``mmcn.settings`` names the param)."""
@@ -79,13 +80,15 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio: must be in [0, 1) (a share of the optimizer steps), got {self.warmup_ratio!r}")
         if not 0 < self.max_grad_norm < float("inf"):
             raise ValueError(f"max_grad_norm: must be > 0 (gradients are clipped to it), got {self.max_grad_norm!r}")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction: must be in (0, 1] (a share of the train images), got {self.train_fraction!r}")
         if not 0 < self.mask_prob <= 1:
             raise ValueError(f"mask_prob: must be in (0, 1] (a share of the caption tokens), got {self.mask_prob!r}")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    task: str                       # caption | retrieval
+    task: str                       # caption | retrieval | pretrain
     size: str = "small"             # tiny | small | medium | base (ignored when init is given)
     init: str = ""                  # local pretrained BERT directory, or "" to train from scratch
     settings: dict = field(default_factory=dict)   # the task config's own fields (layout, loss options)
@@ -180,6 +183,8 @@ def _fingerprint(spec: ModelSpec, cfg: TrainConfig, store) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(json.dumps(sources, sort_keys=True).encode())
     digest.update(json.dumps(provenance.digests(provenance.code_files(__name__)), sort_keys=True).encode())
+    if spec.init:  # the starting weights' content, not only their folder's name (models/pretrain reruns)
+        digest.update(json.dumps(list(provenance.digests([Path(spec.init)]).values())).encode())
     return digest.hexdigest()[:12]
 
 
@@ -227,6 +232,7 @@ def _train_worker(config: dict) -> None:
     model.freeze(embedding=cfg.freeze_embedding, visual=cfg.freeze_visual)
     dataset, collate = _task_data(spec.task, Path(config["lmdb_dir"]) / "train", tokenizer, model.config, cfg,
                                   seed=cfg.seed)
+    dataset = _fraction(dataset, cfg.train_fraction)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     # the loader's own generator (reseeded per epoch): starting an epoch then draws nothing from
     # torch's global stream, which dropout uses and a checkpoint restores
@@ -352,15 +358,32 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _task_data(task: str, store_path: Path, tokenizer, model_config, cfg: TrainConfig, seed: int | None = None):
-    from mmcn.data.datasets import CaptionDataset, RetrievalDataset
-    from mmcn.models.inputs import CaptionCollator, RetrievalCollator
+    from mmcn.data.datasets import CaptionDataset, PretrainDataset, RetrievalDataset
+    from mmcn.models.inputs import CaptionCollator, PretrainCollator, RetrievalCollator
 
+    if task == "pretrain":  # polluted pairs and masks drawn from the collator's generator
+        dataset = PretrainDataset(store_path)
+        gen = torch.Generator().manual_seed(seed if seed is not None else cfg.seed)
+        return dataset, PretrainCollator(tokenizer, model_config, dataset, cfg.mask_prob, generator=gen)
     if task == "caption":
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         return CaptionDataset(store_path), CaptionCollator(tokenizer, model_config, True, cfg.mask_prob,
                                                            cfg.max_masked, generator=gen, mask_type=cfg.mask_type)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None  # random negatives
     return RetrievalDataset(store_path), RetrievalCollator(tokenizer, model_config, generator=gen)
+
+
+def _fraction(dataset, share: float):
+    """The pairs of ``dataset`` whose image is among the first ``share`` of its store's images."""
+    if share >= 1:
+        return dataset
+    from torch.utils.data import Subset
+
+    cut = max(1, round(share * len(dataset.store)))
+    keep = [i for i, (_, image_pos) in enumerate(dataset.store.pair_positions.tolist()) if image_pos < cut]
+    log.info("training on %d of %d pairs (the first %d of %d images: train_fraction %s)", len(keep), len(dataset),
+             cut, len(dataset.store), share)
+    return Subset(dataset, keep)
 
 
 @torch.no_grad()
@@ -375,6 +398,8 @@ def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, d
         return {}
     model.eval()
     move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    if task == "pretrain":
+        return _validate_pretrain(model, store_path, tokenizer, cfg, move)
     if task == "caption":
         dataset, collate = _task_data(task, store_path, tokenizer, model.config, cfg, seed=0)
         losses, correct, total = [], 0, 0
@@ -398,3 +423,31 @@ def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, d
     r = retrieval_scores(scores, data.store.gold_positions()[0], ks=(1, 5))
     return {"valid_t2i_r1": round(r["t2i"]["r1"], 3), "valid_i2t_r1": round(r["i2t"]["r1"], 3),
             "valid_mean_recall": round(r["mean_recall"], 3)}
+
+
+def _validate_pretrain(model, store_path: Path, tokenizer, cfg: TrainConfig, move) -> dict:
+    """Pretraining on valid (polluted pairs and masks from a fixed seed): masked-token loss and
+    accuracy, contrastive loss, accuracy and accuracy per class (0 matched, 1 wrong b, C-1 wrong a)."""
+    from torch.utils.data import DataLoader
+
+    dataset, collate = _task_data("pretrain", store_path, tokenizer, model.config, cfg, seed=0)
+    mlm, contrast, correct, total, n = 0.0, 0.0, 0, 0, 0
+    hits = torch.zeros(model.config.num_contrast_classes)
+    counts = torch.zeros(model.config.num_contrast_classes)
+    for batch in DataLoader(dataset, batch_size=64, collate_fn=collate):
+        out = model(**move(batch))
+        labels = batch["contrast_labels"]
+        mlm += out.mlm_loss.item() * len(out.mlm_correct)
+        correct, total = correct + int(out.mlm_correct.sum()), total + len(out.mlm_correct)
+        contrast += out.contrast_loss.item() * len(labels)
+        n += len(labels)
+        right = out.contrast_logits.argmax(-1).cpu() == labels
+        hits += torch.bincount(labels[right], minlength=len(hits)).float()
+        counts += torch.bincount(labels, minlength=len(counts)).float()
+    result = {"valid_mlm_loss": round(mlm / max(total, 1), 5),
+              "valid_mlm_accuracy": round(100.0 * correct / max(total, 1), 3),
+              "valid_contrast_loss": round(contrast / max(n, 1), 5),
+              "valid_contrast_accuracy": round(100.0 * float(hits.sum()) / max(n, 1), 3)}
+    for k in range(len(counts)):
+        result[f"valid_contrast_accuracy_{k}"] = round(100.0 * float(hits[k] / counts[k]), 3) if counts[k] else None
+    return result

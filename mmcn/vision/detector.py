@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -63,6 +64,7 @@ from mmcn.vision.config import DetectorConfig, detector_config
 FEATURE_STRIDE = 16  # res4 (RPN input and RoI pooling) is 1/16 of the network input
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+NO_DETECTOR_FILE = "no_detector.json"   # see save_no_detector
 
 
 # --------------------------------------------------------------------------- backbone
@@ -684,9 +686,25 @@ def save_detector(model: Detector, out_dir: str | Path) -> Path:
     return out
 
 
+def save_no_detector(out_dir: str | Path, reason: str) -> Path:
+    """A detector folder that holds no detector and says why (released features were imported):
+    :func:`load_detector` then fails with that reason instead of a missing file."""
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / NO_DETECTOR_FILE).write_text(json.dumps({"reason": reason}, ensure_ascii=False) + "\n", "utf-8")
+    return out
+
+
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> Detector:
     """A detector saved by :func:`save_detector`, in eval mode on ``map_location``."""
     path = Path(path)
+    if (path / NO_DETECTOR_FILE).is_file():
+        reason = json.loads((path / NO_DETECTOR_FILE).read_text("utf-8"))["reason"]
+        raise FileNotFoundError(f"{path} holds no detector: {reason}. To get region features of new images, "
+                                f"convert the checkpoint those features came from (detector.weights and "
+                                f"detector.arch, with features.source emptied) or pass another detector folder")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name}: missing; a detector directory holds {CONFIG_FILE} and "
