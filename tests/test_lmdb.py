@@ -29,6 +29,7 @@ from mmcn.data.datasets import CaptionDataset, RetrievalDataset
 from mmcn.data.lmdb_build import REPORT, LmdbBuildError, LmdbBusyError, LmdbConfig, build_lmdb
 from mmcn.data.lmdb_store import (SCHEMA_VERSION, LmdbCorruptError, LmdbStore, LmdbStoreError, _open_readonly,
                                   position_key, verify_store)
+from mmcn.data.outputs import pid_alive
 from mmcn.data.tags import ImageTags, tags_path, write_tags
 
 
@@ -146,7 +147,7 @@ def test_killed_build_leaves_the_previous_store(data, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     assert list(tmp_path.glob("lmdb.tmp-*")), "the killed build was writing under a temporary name"
-    assert not L._alive(int((tmp_path / "lmdb.lock").read_text()))  # its lock file, locked no more
+    assert not pid_alive(int((tmp_path / "lmdb.lock").read_text()))  # its lock file, locked no more
     assert {p.name: p.read_bytes() for p in (out / "test").iterdir()} == before
     assert len(LmdbStore(out / "test")) == 7
     build(data, out, shards=2)  # the next build completes and clears the leftovers

@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmcn.data.outputs import pid_alive
 from mmcn.data.splits import ordered
 
 POOLED_DIM = 2048
@@ -155,20 +156,10 @@ def remove_stale_temps(root: Path) -> list[Path]:
     removed = []
     for path in sorted(Path(root).glob("*/.part-*.parquet.tmp-*")):
         match = _TEMP.fullmatch(path.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _row_to_record(row: dict) -> RegionFeatures:

@@ -42,6 +42,7 @@ from mmcn.data.manifest import ManifestEntry, manifest_path, write_manifest
 from mmcn.data.chain import write_chain
 from mmcn.data.ingest_report import IngestReport, Skip, printable
 from mmcn.data.jsonl import loads
+from mmcn.data.outputs import pid_alive, replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +485,7 @@ def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> Inges
         write_chain(tmp, {}, "ingest", {"max_side": config.max_side or None, "jpeg_quality": config.jpeg_quality,
                                         "max_pixels": config.max_pixels})
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700: give it an ordinary new folder's mode
-        _replace(out, tmp)
+        replace_folder(out, tmp)
     finally:
         runner.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -494,38 +495,10 @@ def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> Inges
     return report
 
 
-def _replace(out: Path, new: Path) -> None:
-    """Put folder ``new`` at ``out``: the old ``out`` renamed aside (under ``new``'s temp name,
-    so a kill here leaves only a temp folder), ``new`` renamed in, then the old one deleted."""
-    old = new.with_name(new.name + "-old")
-    had_old = os.path.lexists(out)
-    if had_old:
-        os.replace(out, old)
-    os.replace(new, out)
-    if had_old:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-
-
 def _temp_pid(out: Path, path: Path) -> int | None:
     """The pid in the name of ``out``'s temp folder ``path`` (``.{out}.tmp-{pid}-*``), if any."""
     match = re.fullmatch(r"\.tmp-([0-9]{1,9})-.+", path.name[len(out.name) + 1:])
     return int(match[1]) if match else None
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (outside POSIX: assumed so, never checked)."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def remove_stale_temps(out: Path) -> list[Path]:
@@ -537,7 +510,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
         if pid is None:
             log.warning("%s looks like the temp folder of an older mmcn's ingest: remove it by hand unless an "
                         "ingest into %s is running", printable(path), printable(out))
-        elif not _pid_alive(pid):
+        elif not pid_alive(pid):
             log.info("removing %s, left behind by an ingest (pid %d) that was killed", printable(path), pid)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)

@@ -46,6 +46,7 @@ from mmcn.data import tsv
 from mmcn.data.chain import read_chain
 from mmcn.data.lmdb_store import (DBS, DIGEST_BYTES, META_DIGEST, SCHEMA_VERSION, TEXT_BLOCK, position_key,
                                   record_seed, seal, split_dirs)
+from mmcn.data.outputs import pid_alive
 from mmcn.data.tags import ImageTags, read_tags, tags_path
 from mmcn.provenance import checksum
 
@@ -455,16 +456,6 @@ def _output_lock(out_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _clear_leftovers(out_dir: Path) -> None:
     """Under the lock: delete the temporary folders of builds whose process is gone, and put
     back a store that a build killed between its two renames had set aside."""
@@ -473,7 +464,7 @@ def _clear_leftovers(out_dir: Path) -> None:
             pid = path.name.rpartition("-")[2]
             if not pid.isdigit():
                 continue
-            if int(pid) != os.getpid() and _alive(int(pid)):
+            if int(pid) != os.getpid() and pid_alive(int(pid)):
                 log.warning("leaving %s: process %s, which wrote it, is still running (not as a builder of %s: "
                             "it would hold %s); delete it once that process is done", path, pid, out_dir,
                             _lock_name(out_dir))

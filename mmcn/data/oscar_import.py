@@ -55,6 +55,7 @@ from tqdm import tqdm
 from mmcn.data import features as region_features
 from mmcn.data import tsv
 from mmcn.data.chain import read_chain, write_chain
+from mmcn.data.outputs import replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ def import_features(source: Path, tsv_dir: Path, out_dir: Path, cfg: ImportConfi
                                  f"release covers these images and the key -> id rule (mmcn.data.oscar_import)")
     (tmp / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     write_chain(tmp, read_chain(tsv_dir), "features", {"source": "imported"})
-    _swap_in(tmp, out_dir)
+    replace_folder(out_dir, tmp)
     log.info("imported %s in %.0fs: %s; %d feature rows without an ingested image (%s)", source,
              time.perf_counter() - start, {s: (c["images"], c["skipped"]) for s, c in report["splits"].items()},
              len(unmatched), out_dir / REPORT)
@@ -353,12 +354,3 @@ def _top_reasons(skipped: list[dict], k: int = 3) -> str:
         counts[s["reason"]] = counts.get(s["reason"], 0) + 1
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:k]
     return "; ".join(f"{n} x {r}" for r, n in top) or "no images"
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Replace ``out`` by ``new``: the old folder is renamed aside first, deleted last."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
