@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,6 +150,12 @@ def test_bad_settings_or_inputs_leave_existing_shards_untouched(detector_dir, ts
         extract_features(tmp_path / "no_detector", tsv_dir, out, ExtractConfig())
     with pytest.raises(FileNotFoundError, match=r"no \{split\}_imgs.tsv: run the ingest stage"):
         extract_features(detector_dir, tmp_path / "no_detector", out, ExtractConfig())
+    # a split that lost its images TSV (its texts still there) is no split to leave out silently
+    partial = tmp_path / "partial"
+    shutil.copytree(tsv_dir, partial)
+    next(partial.glob("*_imgs.tsv")).unlink()
+    with pytest.raises(FileNotFoundError, match=r"_imgs.tsv missing while the split's other files are there"):
+        extract_features(detector_dir, partial, out, ExtractConfig(nms_thresh=0.4))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 

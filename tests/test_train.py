@@ -76,10 +76,10 @@ def test_two_cpu_workers(ray_session, lmdb_dir, tmp_path):
     assert {"state.pt", "history.json", "rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in last.iterdir()}
 
 
-def registered_checkpoints(storage: Path) -> int:
+def registered_checkpoints(storage: Path, task: str) -> int:
     """Checkpoints Ray Train has recorded for the run (its controller's snapshot), not merely
     copied into storage: a run killed between the two has nothing to resume from."""
-    for snapshot in storage.glob("caption-*/checkpoint_manager_snapshot.json"):
+    for snapshot in storage.glob(f"{task}-*/checkpoint_manager_snapshot.json"):
         try:
             return len(json.loads(snapshot.read_text()).get("checkpoint_results") or [])
         except (json.JSONDecodeError, OSError):  # being written
@@ -87,11 +87,14 @@ def registered_checkpoints(storage: Path) -> int:
     return 0
 
 
-def test_killed_training_resumes_from_its_checkpoint_to_the_same_result(lmdb_dir, tmp_path):
+@pytest.mark.parametrize(("task", "settings", "epochs"), [
+    ("caption", LAYOUT, 4), ("pretrain", {"max_text_len": 24, "max_regions": 4}, 4)])
+def test_killed_training_resumes_from_its_checkpoint_to_the_same_result(lmdb_dir, tmp_path, task, settings, epochs):
     """kill -9 once Ray has recorded a checkpoint, rerun: the run continues from it and ends
     with exactly the losses, valid metrics and weights of the same training never killed
-    (the RNG streams of dropout and the data order are in the checkpoint). Bit for bit: the
-    Ray worker runs torch on one thread (``cpus_per_worker=1``)."""
+    (the RNG streams of dropout, the data order and, for pretraining, the polluted pairs and
+    masks are in the checkpoint or follow from it). Bit for bit: the Ray worker runs torch on
+    one thread (``cpus_per_worker=1``)."""
     import torch
     from safetensors.torch import load_file
 
@@ -101,9 +104,9 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_result(lmdb_dir
         from pathlib import Path
         from mmcn.train.loop import ModelSpec, TrainConfig, train
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        cfg = TrainConfig(epochs=4, batch_size=4, lr=1e-3, checkpoint_every=4, workers=1, cpus_per_worker=1)
+        cfg = TrainConfig(epochs={epochs}, batch_size=4, lr=1e-3, checkpoint_every=4, workers=1, cpus_per_worker=1)
         for name in sys.argv[1:]:
-            s = train(ModelSpec("caption", "tiny", settings={LAYOUT!r}), Path({str(lmdb_dir)!r}),
+            s = train(ModelSpec({task!r}, "tiny", settings={settings!r}), Path({str(lmdb_dir)!r}),
                       Path({str(tmp_path)!r}) / f"{{name}}-model", cfg, Path({str(tmp_path)!r}) / f"{{name}}-ray")
             print("SUMMARY", json.dumps({{"resumed_from": s["resumed_from_step"], "steps": s["steps"],
                   "train": [[r["step"], r["loss"], r["lr"]] for r in s["train"]], "valid": s["valid"]}}))
@@ -112,7 +115,7 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_result(lmdb_dir
     proc = subprocess.Popen([sys.executable, "-c", script, "killed"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not registered_checkpoints(tmp_path / "killed-ray"):
+    while time.time() < deadline and not registered_checkpoints(tmp_path / "killed-ray", task):
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray: killed mid-training
@@ -124,7 +127,7 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_result(lmdb_dir
                          timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     resumed, whole = (json.loads(ln.split(" ", 1)[1]) for ln in out.stdout.splitlines() if ln.startswith("SUMMARY"))
-    total = 4 * (pairs(lmdb_dir) // 4)
+    total = epochs * (pairs(lmdb_dir) // 4)
     assert whole["resumed_from"] is None and whole["steps"] == resumed["steps"] == total
     at = resumed["resumed_from"]
     assert 0 < at < total and (at % 4 == 0 or at % (pairs(lmdb_dir) // 4) == 0)  # a checkpoint
@@ -134,7 +137,7 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_result(lmdb_dir
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[k], reference[k]) for k in weights), \
         [k for k in weights if not torch.equal(weights[k], reference[k])]
-    assert load_model(tmp_path / "killed-model")[0] == "caption"
+    assert load_model(tmp_path / "killed-model")[0] == task
 
 
 def test_seeded_training_is_deterministic_on_cpu(lmdb_dir, tmp_path):
@@ -148,3 +151,29 @@ def test_seeded_training_is_deterministic_on_cpu(lmdb_dir, tmp_path):
     other = train(ModelSpec("caption", "tiny", settings=LAYOUT), lmdb_dir, tmp_path / "m2",
                   TrainConfig(epochs=1, batch_size=4, lr=1e-3, workers=0, seed=8), tmp_path / "r2")
     assert [r["loss"] for r in other["train"]] != pytest.approx(first, rel=1e-3)
+
+
+def test_a_fine_tune_starts_from_a_relative_init_folder_in_a_ray_worker(ray_session, lmdb_dir, tmp_path, monkeypatch):
+    """``{task}.model.init: models/pretrain`` is relative to the project; Ray Train's workers
+    run in their own folder, so the driver hands them the absolute path (a relative one made
+    transformers look the name up on the Hugging Face hub)."""
+    import torch
+
+    from mmcn.models.factory import build_model
+    from mmcn.models.tokenizer import build_tokenizer
+
+    store = LmdbStore(lmdb_dir / "train")
+    tokenizer = build_tokenizer([t.text for t in store.texts()] + [store.get(0, ("regions",)).tag_text])
+    pretrained = build_model("pretrain", len(tokenizer), "tiny", max_text_len=24, max_regions=4)
+    pretrained.save_pretrained(tmp_path / "models" / "pretrain")
+    tokenizer.save_pretrained(str(tmp_path / "models" / "pretrain"))
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, workers=1, cpus_per_worker=1, checkpoint_every=1000)
+    summary = train(ModelSpec("caption", "tiny", init="models/pretrain", settings=LAYOUT), lmdb_dir,
+                    tmp_path / "caption", cfg, tmp_path / "ray")
+    assert summary["steps"] > 0
+    task, model = load_model(tmp_path / "caption")
+    assert task == "caption" and model.config.hidden_size == pretrained.config.hidden_size
+    assert json.loads((tmp_path / "caption" / "mmcn.json").read_text())["model"]["init"] == "models/pretrain"
+    assert not torch.equal(model.bert.embeddings.word_embeddings.weight,
+                           pretrained.bert.embeddings.word_embeddings.weight)  # trained on from there

@@ -262,9 +262,7 @@ def import_features(source: Path, tsv_dir: Path, out_dir: Path, cfg: ImportConfi
     if not label_files:
         raise FeatureImportError(f"{source}: no label file ({', '.join(LABEL_FILES)}) beside the features: the "
                                  f"object labels become the tags; copy the release's label TSV there too")
-    splits = tsv.splits_in(tsv_dir)
-    if not splits:
-        raise FileNotFoundError(f"{tsv_dir}: no {{split}}_imgs.tsv: run the ingest stage first")
+    splits = tsv.check_complete(tsv_dir)
     start = time.perf_counter()
     feats, labels = _Rows(feature_files, "features"), _Rows(label_files, "labels")
     tmp = out_dir.parent / f".{out_dir.name}.import-{os.getpid()}"

@@ -64,6 +64,23 @@ def splits_in(root: Path) -> list[str]:
     return ordered(p.name[: -len("_imgs.tsv")] for p in root.glob("*_imgs.tsv"))
 
 
+def check_complete(root: Path) -> list[str]:
+    """The splits of an ingested folder (:func:`splits_in`); a split that left other files
+    (texts, index, manifest) but lost its ``{split}_imgs.tsv`` is an error, not a split to
+    leave out silently. Raises FileNotFoundError naming the folder and what to do."""
+    root = Path(root)
+    splits = splits_in(root)
+    if not splits:
+        raise FileNotFoundError(f"{root}: no {{split}}_imgs.tsv: run the ingest stage (or mmcn ingest) first")
+    others = {p.name.split("_", 1)[0] for p in root.glob("*_*") if p.name.split("_", 1)[0] not in splits
+              and p.name.split("_", 1)[1] in ("texts.jsonl", "imgs.lineidx", "imgs.tsv.lineidx", "manifest.jsonl")}
+    if others:
+        lost = ", ".join(f"{s}_imgs.tsv" for s in sorted(others))
+        raise FileNotFoundError(f"{root}: {lost} missing while the split's other files are there: the folder is "
+                                f"incomplete; run the ingest stage again (dvc repro -f ingest, or mmcn ingest)")
+    return splits
+
+
 def is_chinese_clip_layout(root: Path) -> bool:
     return root.is_dir() and any(root.glob("*_imgs.tsv"))
 

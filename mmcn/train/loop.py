@@ -26,7 +26,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +118,9 @@ def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, stor
             texts += [train_store.get(i, ("regions",)).tag_text for i in range(len(train_store))]
             tokenizer = build_tokenizer(texts)
         tokenizer.save_pretrained(str(tokenizer_dir))
-    loop_config = {"spec": asdict(spec), "cfg": asdict(cfg), "lmdb_dir": str(lmdb_dir),
+    # the workers' spec names the starting weights by absolute path: a Ray worker runs in its own folder
+    worker_spec = replace(spec, init=str(Path(spec.init).resolve())) if spec.init else spec
+    loop_config = {"spec": asdict(worker_spec), "cfg": asdict(cfg), "lmdb_dir": str(lmdb_dir),
                    "tokenizer_dir": str(tokenizer_dir), "run_name": run_name}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,

@@ -221,8 +221,7 @@ def extract_features(detector_dir: Path, tsv_dir: Path, out_dir: Path, cfg: Extr
     if missing:
         raise FileNotFoundError(f"{detector_dir}: no detector ({', '.join(missing)} missing): train or convert "
                                 "one first (the detector stage, or save_detector)")
-    if not tsv.splits_in(tsv_dir):
-        raise FileNotFoundError(f"{tsv_dir}: no {{split}}_imgs.tsv: run the ingest stage (or mmcn ingest) first")
+    tsv.check_complete(tsv_dir)
     tasks = plan(tsv_dir, cfg.shard_size)
     mark = fingerprint(detector_dir, tsv_dir, cfg)
     previous = out_dir / FINGERPRINT
