@@ -31,8 +31,10 @@ TINY = {"demo": {"train": 12, "valid": 4, "test": 4},
         "features": {"min_boxes": 2, "max_boxes": 4, "shard_size": 8},
         "train": {"workers": 0},  # in-process: Ray Train workers are tested in test_train
         "pretrain": {"model": {"size": "tiny", "max_text_len": 24, "max_regions": 4}, "train": TINY_TRAIN},
-        "caption": {"model": TINY_MODEL, "train": TINY_TRAIN, "eval": TINY_EVAL["caption"]},
-        "retrieval": {"model": {**TINY_MODEL, "match_weight": 1.0}, "train": TINY_TRAIN, "eval": TINY_EVAL["retrieval"]},
+        # the fine-tunes start from the pretrain stage's model here (the demo's default is from scratch: README)
+        "caption": {"model": {**TINY_MODEL, "init": "models/pretrain"}, "train": TINY_TRAIN, "eval": TINY_EVAL["caption"]},
+        "retrieval": {"model": {**TINY_MODEL, "match_weight": 1.0, "init": "models/pretrain"}, "train": TINY_TRAIN,
+                      "eval": TINY_EVAL["retrieval"]},
         "execution": {"ingest": {"workers": 1}, "train": {"cpus_per_worker": 1}}}
 FINE_TUNE_STAGES = {"train@caption", "train@retrieval", "evaluate@caption", "evaluate@retrieval", "report"}
 MODEL_STAGES = {"train@pretrain"} | FINE_TUNE_STAGES
