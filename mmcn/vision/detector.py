@@ -430,6 +430,15 @@ def _attribute_multi_hot(target: dict[str, Tensor], num_attributes: int, n: int,
 
 
 @dataclass
+class NetInput:
+    """An image resized for the network by :meth:`Detector.prepare`."""
+
+    tensor: Tensor                      # float32 (3, h, w), 0-255, the config's channel order
+    scale: tuple[float, float]          # (sx, sy): network pixels per original pixel
+    original_size: tuple[int, int]      # (height, width) of the image before resizing
+
+
+@dataclass
 class Detections:
     """One image's detections, sorted by decreasing score; boxes in original-image pixels.
 
@@ -532,25 +541,39 @@ class Detector(nn.Module):
 
     # ---- pre-processing
 
-    def preprocess(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    def prepare(self, image: Tensor) -> NetInput:
+        """One RGB 0-255 image (3, H, W) resized for the network (channel order as the config,
+        not yet normalised). Callers that hold many images (feature extraction) prepare each
+        right after decoding and drop the original: only network-size images stay in memory."""
+        if isinstance(image, NetInput):
+            return image
+        c = self.config
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected an RGB image tensor of shape (3, H, W), got {tuple(image.shape)}")
+        x = image.to(device=self.pixel_mean.device, dtype=torch.float32)
+        if c.input_format == "BGR":
+            x = x.flip(0)
+        h, w = x.shape[-2:]
+        scale = min(c.min_size / min(h, w), c.max_size / max(h, w))
+        nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        return NetInput(x, (nw / w, nh / h), (int(h), int(w)))
+
+    def preprocess(self, images: list[Tensor | NetInput], targets: list[dict[str, Tensor]] | None = None
                    ) -> tuple[ImageList, list[dict[str, Tensor]] | None, list[tuple[float, float]]]:
-        """Batch RGB 0-255 images for the network; scale target boxes. Returns (batch, targets, (sx, sy) per image)."""
+        """Batch images (RGB 0-255 tensors or :meth:`prepare`'s output) for the network; scale
+        target boxes. Returns (batch, targets, (sx, sy) per image)."""
         c = self.config
         device = self.pixel_mean.device
-        resized, scales = [], []
+        inputs = []
         for i, image in enumerate(images):
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"image {i}: expected an RGB tensor of shape (3, H, W), got {tuple(image.shape)}")
-            x = image.to(device=device, dtype=torch.float32)
-            if c.input_format == "BGR":
-                x = x.flip(0)
-            h, w = x.shape[-2:]
-            scale = min(c.min_size / min(h, w), c.max_size / max(h, w))
-            nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
-            if (nh, nw) != (h, w):
-                x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-            resized.append((x - self.pixel_mean) / self.pixel_std)
-            scales.append((nw / w, nh / h))
+            try:
+                inputs.append(self.prepare(image))
+            except ValueError as e:
+                raise ValueError(f"image {i}: {e}") from None
+        resized = [(x.tensor.to(device) - self.pixel_mean) / self.pixel_std for x in inputs]
+        scales = [x.scale for x in inputs]
         max_h = max(x.shape[1] for x in resized)
         max_w = max(x.shape[2] for x in resized)
         if c.size_divisibility > 1:
@@ -599,10 +622,11 @@ class Detector(nn.Module):
     # ---- inference
 
     @torch.no_grad()
-    def detect(self, images: list[Tensor], min_boxes: int | None = None, max_boxes: int | None = None,
+    def detect(self, images: list[Tensor | NetInput], min_boxes: int | None = None, max_boxes: int | None = None,
                score_thresh: float | None = None, nms_thresh: float | None = None,
                box_regression: bool | None = None) -> list[Detections]:
-        """Detections for RGB 0-255 images (3, H, W); unset arguments come from the config."""
+        """Detections for RGB 0-255 images (3, H, W) or :meth:`prepare`'s output (boxes in
+        original-image pixels either way); unset arguments come from the config."""
         c = self.config
         min_boxes = c.min_boxes if min_boxes is None else min_boxes
         max_boxes = c.max_boxes if max_boxes is None else max_boxes
@@ -614,6 +638,7 @@ class Detector(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            images = [self.prepare(image) for image in images]
             image_list, _, scales = self.preprocess(images)
             features = self.backbone(image_list.tensors)
             proposals, _ = self.rpn(image_list, {"res4": features})
@@ -640,7 +665,7 @@ class Detector(nn.Module):
             results = []
             for (boxes, label, score, _), feat, (sx, sy), image in zip(picks, feats, scales, images):
                 attr_ids, attr_scores = self._attributes(feat, label + 1)
-                height, width = int(image.shape[-2]), int(image.shape[-1])
+                height, width = image.original_size
                 boxes = boxes / boxes.new_tensor([sx, sy, sx, sy])
                 boxes = _clip(boxes, height, width, False)
                 results.append(Detections(boxes=boxes.float(), scores=score.float(), labels=label,
