@@ -126,3 +126,40 @@ class PretrainDataset(Dataset):
 
     def pair_image_id(self, i: int) -> int:
         return self._image_ids[int(self._pairs[i][1])]
+
+
+class ClipDataset(Dataset):
+    """Contrastive pairs on pixels (Chinese-CLIP): one item per (text, image) pair with the
+    image's original bytes; :meth:`image` and :meth:`text` (by position) are the whole-split
+    views for ranking, as :class:`RetrievalDataset`'s.
+
+    Item: ``text_id``, ``text``, ``image_id``, ``image`` (bytes as stored).
+    """
+
+    def __init__(self, store: LmdbStore | Path | str):
+        self.store = _store(store)
+        self._pairs = self.store.pair_positions
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        text_pos, image_pos = self._pairs[i].tolist()
+        return {**self.image(image_pos), "text_id": int(self.store.text_ids[text_pos]),
+                "text": self.store.text_str(text_pos)}
+
+    @property
+    def num_texts(self) -> int:
+        return self.store.num_texts
+
+    @property
+    def num_images(self) -> int:
+        return len(self.store)
+
+    def image(self, index: int) -> dict:
+        rec = self.store.get(index, ("image",))
+        return {"image_id": rec.image_id, "image": rec.image}
+
+    def text(self, index: int) -> dict:
+        t = self.store.text_at(index)
+        return {"text_id": t.text_id, "text": t.text, "image_ids": t.image_ids}
