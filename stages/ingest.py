@@ -23,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main, IngestError)  # strict mode's skipped inputs: one line naming the report, exit 2
+    run(main, IngestError)  # a split left empty, strict mode's skips: one line naming the report, exit 2

@@ -266,8 +266,10 @@ def test_cli_strict_exit_code_and_help(messy, tmp_path, capsys):
         assert option in help_text
 
 
-def test_max_side_reencodes_rgb_and_maps_boxes_through_exif(tmp_path):
+def test_max_side_reencodes_rgb_and_scales_boxes_given_on_the_displayed_picture(tmp_path):
     # a 200x100 file whose EXIF says "rotate 90 clockwise to display"; a red block at x 20..60, y 10..30
+    # of the stored grid. Displayed (100x200), the stored column x lands on row x and the stored row y
+    # on column 99 - y, so the block the annotator sees spans x 70..90, y 20..60: the box given
     arr = np.full((100, 200, 3), 240, np.uint8)
     arr[10:30, 20:60] = (220, 0, 0)
     img = Image.fromarray(arr)
@@ -281,7 +283,7 @@ def test_max_side_reencodes_rgb_and_maps_boxes_through_exif(tmp_path):
                                    transparency=0),
              "gray.png": encode(scene(size=(90, 60)).convert("L"), "PNG")}
     write_raw(tmp_path / "raw", "train", files,
-              [rec("rot.jpg", "旋转", objects=[{"box": [20, 10, 60, 30], "label": "block"}]),
+              [rec("rot.jpg", "旋转", objects=[{"box": [70, 20, 90, 60], "label": "block"}]),
                rec("cmyk.jpg", "c"), rec("alpha.png", "a"), rec("16bit.png", "b"), rec("palette.png", "p"),
                rec("gray.png", "g")])
     out = tmp_path / "tsv"
@@ -304,10 +306,59 @@ def test_max_side_reencodes_rgb_and_maps_boxes_through_exif(tmp_path):
 
 
 def test_max_pixels_limit(tmp_path):
-    write_raw(tmp_path / "raw", "valid", {"big.png": encode(scene(size=(200, 200)), "PNG")}, [rec("big.png", "大")])
+    write_raw(tmp_path / "raw", "train", {"ok.png": encode(scene(size=(90, 90)), "PNG")}, [rec("ok.png", "好")])
+    write_raw(tmp_path / "raw", "valid", {"big.png": encode(scene(size=(200, 200)), "PNG"),
+                                          "ok.png": encode(scene(size=(90, 90), seed=3), "PNG")},
+              [rec("big.png", "大"), rec("ok.png", "小")])
     report = ingest(tmp_path / "raw", tmp_path / "o", IngestConfig(workers=1, max_pixels=10_000))
     assert [s.reason for s in report.skips] == ["too_many_pixels"]
-    assert report.splits["valid"].images_written == 0
+    assert report.splits["valid"].images_written == 1
+
+
+def test_a_split_left_empty_is_an_error_naming_the_reasons_and_the_report(tmp_path, capsys):
+    # the issue's case: a Chinese-CLIP folder none of whose test images decodes; train is fine
+    b64 = lambda data: base64.b64encode(data)  # noqa: E731
+    write_clip(tmp_path / "clip", "train", [b"1\t" + b64(GOOD)], [{"text_id": 1, "text": "好", "image_ids": [1]}])
+    write_clip(tmp_path / "clip", "test", [b"2\t" + b64(b"<html>not an image</html>"), b"3\t" + b64(TRUNCATED),
+                                           b"4\t" + b64(b"plain text")],
+               [{"text_id": 2, "text": "坏", "image_ids": [2, 3, 4]}])
+    out = tmp_path / "tsv"
+    with pytest.raises(IngestError) as err:
+        ingest(tmp_path / "clip", out, IngestConfig(workers=1))
+    message = str(err.value)
+    assert "split test: 3 image(s) in, none kept" in message and "split train" not in message
+    # reasons by count (ties by name), each with its first case; then the report to read
+    assert "not_an_image 2 (e.g. test_imgs.tsv:1: not an image" in message
+    assert "truncated 1 (e.g. test_imgs.tsv:2: truncated JPEG" in message
+    assert message.index("not_an_image 2") < message.index("truncated 1")
+    assert str(out / "ingest_report.json") in message
+    written = json.loads((out / "ingest_report.json").read_text(encoding="utf-8"))  # written all the same
+    assert written["splits"]["test"]["images_written"] == 0 and written["splits"]["train"]["images_written"] == 1
+    # the CLI: the message, exit 1; no split with an image at all is an error too
+    assert cli_main(["ingest", "--src", str(tmp_path / "clip"), "--out", str(tmp_path / "o"), "--workers", "1"]) == 1
+    assert "none kept" in capsys.readouterr().err
+    (tmp_path / "clip" / "train_imgs.tsv").write_bytes(b"1\t" + b64(b"") + b"\n")
+    with pytest.raises(IngestError, match="split train: 1 image"):
+        ingest(tmp_path / "clip", out, IngestConfig(workers=1))
+    # images kept but every caption skipped: an error as well
+    write_raw(tmp_path / "raw", "train", {"a.jpg": GOOD}, [rec("a.jpg", " ", "\t")])
+    with pytest.raises(IngestError, match=r"split train: 2 caption\(s\) in, none kept; skipped: empty_caption 2"):
+        ingest(tmp_path / "raw", tmp_path / "o2", IngestConfig(workers=1))
+
+
+def test_the_ingest_stage_exits_non_zero_on_an_empty_split(tmp_path):
+    import subprocess
+    import sys
+
+    b64 = lambda data: base64.b64encode(data)  # noqa: E731
+    write_clip(tmp_path / "clip", "train", [b"1\t" + b64(b"not an image")], [{"text_id": 1, "text": "坏", "image_ids": [1]}])
+    (tmp_path / "params.yaml").write_text(f"ingest:\n  src: {tmp_path / 'clip'}\n  max_side: null\n")
+    stage = Path(__file__).resolve().parent.parent / "stages" / "ingest.py"
+    run = subprocess.run([sys.executable, str(stage)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ingest of") and "not_an_image 1" in last and "data/tsv/ingest_report.json" in last
+    assert (tmp_path / "data" / "tsv" / "ingest_report.json").is_file()
 
 
 def write_clip(root: Path, split: str, img_lines: list[bytes], texts: list) -> None:
@@ -533,8 +584,8 @@ def test_unusable_images_are_described_in_words_the_same_in_ingest_and_features(
                      "not an image: PIL recognises no image format in it (it starts with b'plain text\\n')"),
         "cut.jpg": (TRUNCATED, "truncated", "truncated JPEG: image file is truncated"),
     }
-    write_raw(tmp_path / "raw", "train", {name: data for name, (data, _, _) in cases.items()},
-              [rec(name, "图") for name in cases])
+    write_raw(tmp_path / "raw", "train", {"ok.jpg": GOOD, **{name: data for name, (data, _, _) in cases.items()}},
+              [rec(name, "图") for name in ["ok.jpg", *cases]])
     report = ingest(tmp_path / "raw", tmp_path / "o", IngestConfig(workers=1, full_decode=True))
     got = {s.file.rsplit("/", 1)[-1]: (s.reason, s.detail) for s in report.skips}
     for name, (data, reason, message) in cases.items():

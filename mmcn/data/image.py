@@ -1,5 +1,14 @@
 """Image bytes: cheap validation, and normalisation to an RGB JPEG (EXIF orientation, resize).
 
+Orientation rule: mmcn works on the picture as displayed, with the file's EXIF orientation
+applied (what an annotator, a browser and a phone's gallery show), never on the stored pixel
+grid. :func:`displayed` is the one place that turns one into the other
+(``PIL.ImageOps.exif_transpose``); :func:`inspect` reports the displayed size,
+:func:`decode_rgb` (features, detector training, ``mmcn caption``) and :func:`normalize`
+(ingest's re-encoding) return displayed pixels, and the report's thumbnails go through it.
+So ground-truth boxes (raw layout ``objects``) are in displayed pixels, the same whether
+ingest keeps the original bytes (EXIF tag and all) or re-encodes them upright.
+
 Validation reads the header (format, size, mode) and checks that the file ends where its
 format says it should (JPEG EOI, PNG IEND, GIF trailer); only files that do not, or
 formats without such a marker, are fully decoded. That catches truncated, empty and
@@ -95,6 +104,32 @@ def _open(data: bytes, max_pixels: int | None, setting: str = INGEST_MAX_PIXELS)
     return img
 
 
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8) of an opened image: 1 when it has none, or one PIL cannot read."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # PIL's assorted errors on mangled EXIF blocks: shown as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def displayed(img: Image.Image) -> Image.Image:
+    """``img`` as viewers display it: its EXIF orientation applied (``ImageOps.exif_transpose``,
+    in place: no copy of an upright image), the orientation tag removed. Decodes ``img``."""
+    if orientation(img) != 1:
+        ImageOps.exif_transpose(img, in_place=True)
+    return img
+
+
+def _displayed_size(img: Image.Image, data: bytes) -> tuple[int, int]:
+    """(width, height) of ``img`` as displayed, from its header where the header holds the EXIF
+    block; a PNG whose eXIf chunk lies after the pixel data is decoded to read it."""
+    if img.format == "PNG" and "exif" not in img.info and b"eXIf" in data:
+        _decode(img)
+    w, h = img.size
+    return (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
 def _decode(img: Image.Image) -> None:
     fmt = img.format or "image"
     try:
@@ -109,13 +144,14 @@ def _decode(img: Image.Image) -> None:
 
 def inspect(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, full_decode: bool = False,
             setting: str = INGEST_MAX_PIXELS) -> ImageInfo:
-    """Validate ``data`` as an image and return its header facts; raises :class:`ImageError`
-    (``setting``: the knob its too-many-pixels message tells the user to raise)."""
+    """Validate ``data`` as an image and return its header facts, the size as displayed (EXIF
+    orientation applied); raises :class:`ImageError` (``setting``: the knob its
+    too-many-pixels message tells the user to raise)."""
     img = _open(data, max_pixels, setting)
     marker = _END_MARKERS.get(img.format or "")
     if full_decode or marker is None or not data.rstrip(b"\x00").endswith(marker):
         _decode(img)  # decides between "complete with trailing bytes" and truncated/corrupt
-    return ImageInfo(img.width, img.height, img.format or "", img.mode)
+    return ImageInfo(*_displayed_size(img, data), img.format or "", img.mode)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -137,37 +173,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def map_box_orientation(box: list[float], orientation: int, width: int, height: int) -> list[float]:
-    """Map ``[x1, y1, x2, y2]`` on a ``width`` x ``height`` file through EXIF ``orientation``.
-
-    The result is the box on the image as ``ImageOps.exif_transpose`` returns it.
-    """
-    x1, y1, x2, y2 = box
-    w, h = width, height
-    return {
-        1: [x1, y1, x2, y2],
-        2: [w - x2, y1, w - x1, y2],           # mirror horizontal
-        3: [w - x2, h - y2, w - x1, h - y1],   # rotate 180
-        4: [x1, h - y2, x2, h - y1],           # mirror vertical
-        5: [y1, x1, y2, x2],                   # transpose
-        6: [h - y2, x1, h - y1, x2],           # rotate 90 clockwise
-        7: [h - y2, w - x2, h - y1, w - x1],   # transverse
-        8: [y1, w - x2, y2, w - x1],           # rotate 90 counter-clockwise
-    }.get(orientation, [x1, y1, x2, y2])
-
-
 def normalize(data: bytes, boxes: list[list[float]], *, max_side: int, quality: int = 95,
               max_pixels: int = DEFAULT_MAX_PIXELS,
               setting: str = INGEST_MAX_PIXELS) -> tuple[bytes, ImageInfo, list[list[float]]]:
     """Re-encode ``data`` as an RGB JPEG with EXIF orientation applied and the longer side at
-    most ``max_side`` (never upscaled); ``boxes`` are mapped onto the new pixel grid. Raises
-    :class:`ImageError` (``setting`` as for :func:`inspect`)."""
+    most ``max_side`` (never upscaled); ``boxes``, on the displayed picture (module docstring),
+    are scaled onto the new pixel grid. Raises :class:`ImageError` (``setting`` as for
+    :func:`inspect`)."""
     img = _open(data, max_pixels, setting)
     _decode(img)
-    src_w, src_h = img.size
-    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-    boxes = [map_box_orientation(b, orientation, src_w, src_h) for b in boxes]
-    rgb = to_rgb(ImageOps.exif_transpose(img))
+    rgb = to_rgb(displayed(img))
     ow, oh = rgb.size
     scale = min(1.0, max_side / max(ow, oh)) if max_side else 1.0
     if scale < 1.0:
@@ -182,10 +197,11 @@ def normalize(data: bytes, boxes: list[list[float]], *, max_side: int, quality: 
 
 def decode_rgb(data: bytes, max_pixels: int | None = None, min_side: int = 0,
                setting: str = FEATURES_MAX_PIXELS):
-    """Image bytes -> uint8 RGB torch tensor (3, H, W), as the detector reads it: no EXIF
-    rotation (boxes follow the file). Raises :class:`ImageError` (a ValueError), as
-    :func:`inspect` does, plus reason ``too_small`` for a side under ``min_side``
-    (``features.min_side``); ``max_pixels`` None/0: PIL's decompression-bomb limit."""
+    """Image bytes -> uint8 RGB torch tensor (3, H, W) of the picture as displayed (EXIF
+    orientation applied: :func:`displayed`), as the detector reads it. Raises
+    :class:`ImageError` (a ValueError), as :func:`inspect` does, plus reason ``too_small``
+    for a side under ``min_side`` (``features.min_side``); ``max_pixels`` None/0: PIL's
+    decompression-bomb limit."""
     import torch
 
     img = _open(data, max_pixels, setting)
@@ -194,7 +210,7 @@ def decode_rgb(data: bytes, max_pixels: int | None = None, min_side: int = 0,
                                       f"features.min_side={min_side}")
     _decode(img)
     try:
-        arr = np.asarray(img.convert("RGB"))
+        arr = np.asarray(displayed(img).convert("RGB"))
     except Exception as e:  # PIL's assorted conversion errors
         raise ImageError("corrupt", f"corrupt {img.format or 'image'}: {type(e).__name__}: {e}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)

@@ -12,8 +12,12 @@ canonical decimal form (:func:`parse_image_id`), a text's ids signed 64-bit inte
 
 Bad input never aborts the run: every skipped file, line, caption or object is recorded in
 the report with its file, line and reason (a file name that is not UTF-8 shown with
-backslash escapes); ``strict`` turns any skip into an error after
-the outputs and report are written.
+backslash escapes). After the outputs and report are written, a split that had input but
+kept no image (or none of its captions), or a dataset with no image at all, is an error
+naming the top skip reasons (:class:`IngestError`); ``strict`` turns any skip into one.
+
+Boxes (raw layout ``objects``) are in pixels of the picture as displayed, EXIF orientation
+applied (:mod:`mmcn.data.image`), and so is the width x height in the manifest.
 """
 from __future__ import annotations
 
@@ -80,15 +84,28 @@ class IngestConfig:
 
 
 class IngestError(RuntimeError):
-    """Raised in strict mode when anything was skipped; carries the written report."""
+    """The outputs and report are written but unusable: a split that had input kept no image
+    (or none of its captions), no split holds an image, or (strict mode) anything was skipped.
+    The message names the top skip reasons and the report; ``report`` is the report."""
 
-    def __init__(self, report: IngestReport, out: Path):
+    def __init__(self, message: str, report: IngestReport):
+        super().__init__(message)
+        self.report = report
+
+    @classmethod
+    def strict(cls, report: IngestReport, out: Path) -> "IngestError":
         lines = "\n".join(f"  {s}" for s in report.skips[:50])
         more = f"\n  … and {len(report.skips) - 50} more" if len(report.skips) > 50 else ""
-        super().__init__(f"strict ingest: {len(report.skips)} input(s) skipped (full list in "
-                         f"{out / REPORT_FILE}):\n{lines}{more}\n"
-                         "Fix or remove these inputs, or run without strict to skip them.")
-        self.report = report
+        return cls(f"strict ingest: {len(report.skips)} input(s) skipped (full list in "
+                   f"{printable(out / REPORT_FILE)}):\n{lines}{more}\n"
+                   "Fix or remove these inputs, or run without strict to skip them.", report)
+
+    @classmethod
+    def unusable(cls, report: IngestReport, out: Path, problems: list[str]) -> "IngestError":
+        lines = "\n".join(f"  {p}" for p in problems)
+        return cls(f"ingest of {report.source} ({report.source_format}) gave no usable data:\n{lines}\n"
+                   f"Every skipped input with its file, line and reason is in {printable(out / REPORT_FILE)}; fix "
+                   "those inputs (or point ingest.src / --src at the right folder) and rerun.", report)
 
 
 def content_id(data: bytes) -> int:
@@ -450,7 +467,9 @@ def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> Inges
     Everything is written into a temp folder beside ``out`` (``.{out}.tmp-{pid}-*``, removed
     by the next ingest if this process dies), which then replaces ``out``: the old ``out`` is
     renamed aside, the new one renamed in, and only then the old one deleted. Raises
-    :class:`IngestError` in strict mode when anything was skipped (outputs still written).
+    :class:`IngestError` (outputs and report still written) when a split that had input kept
+    no image or none of its captions, when no split holds an image, and in strict mode when
+    anything was skipped.
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -490,8 +509,11 @@ def ingest(src: Path, out: Path, config: IngestConfig = IngestConfig()) -> Inges
         runner.close()
         shutil.rmtree(tmp, ignore_errors=True)
     _log_summary(report, time.perf_counter() - start)
+    problems = report.unusable()
+    if problems:
+        raise IngestError.unusable(report, out, problems)
     if config.strict and report.skips:
-        raise IngestError(report, out)
+        raise IngestError.strict(report, out)
     return report
 
 

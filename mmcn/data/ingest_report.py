@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+# Skip reasons that only follow from images skipped before (a text whose images are gone):
+# left out when saying why a split kept no image, so that the causes come first.
+FOLLOW_FROM_IMAGES = frozenset({"unknown_image_id", "no_valid_image"})
+
+
 def printable(path: str | os.PathLike) -> str:
     """A path as text that any report, log or terminal can hold: bytes of the name that are not
     UTF-8 (``os.fsdecode`` keeps them as lone surrogates) shown as backslash escapes (``\\xff``)."""
@@ -70,6 +75,35 @@ class IngestReport:
     def skip(self, skip: Skip) -> None:
         self.skips.append(skip)
         self.counts(skip.split).skipped[skip.reason] += 1
+
+    def reasons(self, split: str, limit: int = 3, leave_out: frozenset[str] = frozenset()) -> str:
+        """``split``'s most frequent skip reasons (but ``leave_out``) with their counts, each with
+        its first case: ``not_an_image 10 (e.g. a.jpg: not an image: …); truncated 2 (e.g. …)``."""
+        counts = {r: n for r, n in self.counts(split).skipped.items() if r not in leave_out}
+        parts = []
+        for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]:
+            first = next(s for s in self.skips if s.split == split and s.reason == reason)
+            where = f"{first.file}:{first.line}" if first.line else first.file
+            parts.append(f"{reason} {n} (e.g. {where}" + (f": {first.detail})" if first.detail else ")"))
+        more = len(counts) - limit
+        return "; ".join(parts) + (f"; and {more} other reason(s)" if more > 0 else "") if parts else "nothing skipped"
+
+    def unusable(self) -> list[str]:
+        """Why the output is unusable, one line per problem: a split that had input but kept no
+        image, or kept images but none of its captions; no split with an image at all. ``[]``: fine."""
+        problems = []
+        for split, c in self.splits.items():
+            if c.images_seen and not c.images_written:
+                problems.append(f"split {split}: {c.images_seen} image(s) in, none kept; skipped: "
+                                f"{self.reasons(split, leave_out=FOLLOW_FROM_IMAGES)}")
+            elif c.captions_seen and not c.texts_written:
+                problems.append(f"split {split}: {c.captions_seen} caption(s) in, none kept; skipped: "
+                                f"{self.reasons(split)}")
+        if not any(c.images_written for c in self.splits.values()) and not problems:
+            problems.append("no split holds any image: "
+                            + ("; ".join(f"{s} {c.images_seen} image(s) in" for s, c in self.splits.items())
+                               or "no split found"))
+        return problems
 
     def to_json(self) -> dict:
         return {

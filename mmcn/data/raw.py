@@ -6,8 +6,9 @@ One JSON object per line of ``captions.jsonl``, one line per image::
      "objects": [{"box": [x1, y1, x2, y2], "label": "circle", "attributes": ["red"]}]}
 
 ``captions`` may be empty (test images), ``objects`` is optional. Boxes are in pixels of
-the file as decoded (no EXIF rotation applied). The demo generator writes this layout and
-the ingest stage reads it, both through this module.
+the picture as displayed, EXIF orientation applied (what an annotator sees; the rule of
+:mod:`mmcn.data.image`). The demo generator writes this layout and the ingest stage reads
+it, both through this module.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from mmcn.data import image as imagelib
 from mmcn.data.eval_files import TOP_K, read_caption_scores, read_retrieval_predictions
 from mmcn.data.lmdb_store import LmdbStore
 
@@ -46,9 +47,11 @@ class ReportConfig:
 
 
 def _data_uri(data: bytes, side: int) -> str:
+    """An image as a data URI, upright (EXIF orientation applied, as the boxes are: mmcn.data.image)."""
     with Image.open(io.BytesIO(data)) as img:
-        if side and max(img.size) > side or img.format not in ("JPEG", "PNG", "GIF", "WEBP"):
-            img = img.convert("RGB")
+        if (side and max(img.size) > side or img.format not in ("JPEG", "PNG", "GIF", "WEBP")
+                or imagelib.orientation(img) != 1):
+            img = imagelib.displayed(img).convert("RGB")
             img.thumbnail((side or max(img.size), side or max(img.size)))
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=85)
