@@ -10,11 +10,14 @@ from transformers import BertConfig
 from mmcn.models import oscar
 from mmcn.models.base import SIZES, VLPreTrainedModel, load_pretrained_bert
 from mmcn.models.caption import CaptionConfig, CaptionModel
+from mmcn.models.clip import ClipModel, ClipSettings, build_clip
+from mmcn.models.clipcap import ClipCapConfig, ClipCapModel, build_clipcap
 from mmcn.models.pretrain import PretrainConfig, PretrainModel
 from mmcn.models.retrieval import RetrievalConfig, RetrievalModel
 
 TASKS = {"caption": (CaptionConfig, CaptionModel), "retrieval": (RetrievalConfig, RetrievalModel),
-         "pretrain": (PretrainConfig, PretrainModel)}
+         "pretrain": (PretrainConfig, PretrainModel), "clip": (ClipSettings, ClipModel),
+         "clipcap": (ClipCapConfig, ClipCapModel)}
 # what a fine-tune takes over from mmcn's pretrained model: its architecture ...
 ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
                 "max_position_embeddings", "type_vocab_size", "vocab_size", "layer_norm_eps", "img_feature_dim",
@@ -29,6 +32,10 @@ def build_model(task: str, vocab_size: int, size: str = "small", init: str = "",
     ``settings`` are the task config's own fields (layout, loss options)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if task == "clip":  # Chinese-CLIP on pixels (mmcn.models.clip)
+        return build_clip(vocab_size, size, init, **settings)
+    if task == "clipcap":  # CLIP embedding -> mapper -> GPT-2 prefix (mmcn.models.clipcap)
+        return build_clipcap(vocab_size, size, init, **settings)
     config_cls, model_cls = TASKS[task]
     if init and _model_type(init) == PretrainConfig.model_type:
         return from_pretrained_model(task, init, settings)

@@ -53,6 +53,7 @@ class TrainConfig:
     checkpoint_every: int = 200     # optimizer steps (and at every epoch's end)
     freeze_embedding: bool = False
     freeze_visual: bool = False
+    freeze_vision: bool = False     # clip: the ViT's weights fixed (Chinese-CLIP's --freeze-vision)
     mask_prob: float = 0.15         # caption: share of caption tokens masked
     max_masked: int = 3             # caption: most masked tokens per caption
     mask_type: str = "mmcn"         # caption: mmcn | oscar (which tokens, how many: mmcn.models.inputs.CaptionCollator)
@@ -88,7 +89,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    task: str                       # caption | retrieval | pretrain
+    task: str                       # caption | retrieval | pretrain | clip
     size: str = "small"             # tiny | small | medium | base (ignored when init is given)
     init: str = ""                  # local pretrained BERT directory, or "" to train from scratch
     settings: dict = field(default_factory=dict)   # the task config's own fields (layout, loss options)
@@ -98,12 +99,13 @@ class ModelSpec:
 
 def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, storage_path: Path) -> dict:
     """Train ``spec`` on ``lmdb_dir/train`` (valid on ``lmdb_dir/valid``), export the model to
-    ``out_dir`` and return the summary (steps, final losses, valid metrics, history)."""
+    ``out_dir`` and return the summary (steps, final losses, valid metrics, history, ``oov``:
+    the train captions' share of [UNK] tokens, :meth:`mmcn.models.tokenizer.Oov.metrics`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from mmcn.data.lmdb_store import LmdbStore
-    from mmcn.models.tokenizer import build_tokenizer, load_tokenizer
+    from mmcn.models.tokenizer import build_tokenizer, load_tokenizer, oov
 
     lmdb_dir, out_dir, storage_path = Path(lmdb_dir).resolve(), Path(out_dir).resolve(), Path(storage_path).resolve()
     train_store = LmdbStore(lmdb_dir / "train")
@@ -115,13 +117,29 @@ def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, stor
             tokenizer = load_tokenizer(spec.init)
         else:
             texts = [t.text for t in train_store.texts()]
-            texts += [train_store.get(i, ("regions",)).tag_text for i in range(len(train_store))]
+            if spec.task not in ("clip", "clipcap"):  # these read no tags
+                texts += [train_store.get(i, ("regions",)).tag_text for i in range(len(train_store))]
             tokenizer = build_tokenizer(texts)
         tokenizer.save_pretrained(str(tokenizer_dir))
+        if spec.task == "clip":  # its image processor travels with the tokenizer into the exported folder
+            from mmcn.models.clip import image_processor, processor_of
+
+            processor = processor_of(spec.init) if spec.init else image_processor(spec.settings.get("image_size", 224))
+            processor.save_pretrained(str(tokenizer_dir))
+    train_oov = oov(load_tokenizer(tokenizer_dir), [t.text for t in train_store.texts()])
+    (log.warning if train_oov.unknown else log.info)("%s", train_oov.describe(f"{spec.task}: train captions under "
+                                                                              "its tokenizer"))
     # the workers' spec names the starting weights by absolute path: a Ray worker runs in its own folder
     worker_spec = replace(spec, init=str(Path(spec.init).resolve())) if spec.init else spec
+    embeddings = {}
+    if spec.task == "clipcap":  # the frozen CLIP's image embeddings, once per run (mmcn.train.image_embeddings)
+        from mmcn.train.image_embeddings import cache_splits
+
+        clip = str(Path(spec.settings["clip"]).resolve())
+        worker_spec = replace(worker_spec, settings={**spec.settings, "clip": clip})
+        embeddings = cache_splits(clip, lmdb_dir, run_dir / "clip-embeddings")
     loop_config = {"spec": asdict(worker_spec), "cfg": asdict(cfg), "lmdb_dir": str(lmdb_dir),
-                   "tokenizer_dir": str(tokenizer_dir), "run_name": run_name}
+                   "tokenizer_dir": str(tokenizer_dir), "run_name": run_name, "embeddings": embeddings}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
@@ -135,7 +153,13 @@ def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, stor
             # second when the dashboard is off) would bury the loop's epoch lines
             logging_config=ray.train.LoggingConfig(log_level="ERROR")))
     start = time.perf_counter()
-    result = trainer.fit()
+    ray_train_log = logging.getLogger("ray.train")  # in-process mode (workers 0): its INFO line per report
+    level = ray_train_log.level
+    ray_train_log.setLevel(max(level, logging.WARNING))
+    try:
+        result = trainer.fit()
+    finally:
+        ray_train_log.setLevel(level)
     if result.checkpoint is None:
         raise RuntimeError(f"training {run_name} produced no checkpoint")
     with result.checkpoint.as_directory() as ckpt:
@@ -145,7 +169,7 @@ def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, stor
     model.load_state_dict(state["model"])
     summary = {"task": spec.task, "run": run_name, "steps": state["step"], "epochs": cfg.epochs,
                "seconds": round(time.perf_counter() - start, 1), "resumed_from_step": history["resumed_from"],
-               "train": history["train"], "valid": history["valid"]}
+               "train": history["train"], "valid": history["valid"], "oov": train_oov.metrics()}
     export(model, tokenizer_dir, out_dir, {
         "task": spec.task, "model": asdict(spec), "train": _results_settings(cfg), "lmdb": str(lmdb_dir),
         "run": run_name, "steps": state["step"], "chain": train_store.meta.get("chain", {})})
@@ -185,6 +209,8 @@ def _fingerprint(spec: ModelSpec, cfg: TrainConfig, store) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(json.dumps(sources, sort_keys=True).encode())
     digest.update(json.dumps(provenance.digests(provenance.code_files(__name__)), sort_keys=True).encode())
+    if spec.task == "clipcap":  # the CLIP model's content (models/clip reruns)
+        digest.update(json.dumps(list(provenance.digests([Path(spec.settings["clip"])]).values())).encode())
     if spec.init:  # the starting weights' content, not only their folder's name (models/pretrain reruns)
         digest.update(json.dumps(list(provenance.digests([Path(spec.init)]).values())).encode())
     return digest.hexdigest()[:12]
@@ -231,9 +257,9 @@ def _train_worker(config: dict) -> None:
     tokenizer = load_tokenizer(config["tokenizer_dir"])
 
     model = _build(spec, len(tokenizer))
-    model.freeze(embedding=cfg.freeze_embedding, visual=cfg.freeze_visual)
+    model.freeze(embedding=cfg.freeze_embedding, visual=cfg.freeze_vision if spec.task == "clip" else cfg.freeze_visual)
     dataset, collate = _task_data(spec.task, Path(config["lmdb_dir"]) / "train", tokenizer, model.config, cfg,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, embeddings=config.get("embeddings"))
     dataset = _fraction(dataset, cfg.train_fraction)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     # the loader's own generator (reseeded per epoch): starting an epoch then draws nothing from
@@ -301,16 +327,25 @@ def _train_worker(config: dict) -> None:
         if getattr(collate, "generator", None) is not None:
             collate.generator.manual_seed(cfg.seed * 100_003 + epoch * world + rank)
         model.train()
+        pending = []  # clip: the micro-batches of one contrastive batch
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
             if i >= steps_per_epoch * cfg.grad_accum:
                 break
-            with bf16:
-                loss = model(**batch).loss / cfg.grad_accum
-            loss.backward()
-            if (i + 1) % cfg.grad_accum:
-                continue
+            if spec.task == "clip":  # one contrastive batch of grad_accum micro-batches (Chinese-CLIP's accum_freq)
+                from mmcn.models.clip import accumulated_step
+
+                pending.append(batch)
+                if len(pending) < cfg.grad_accum:
+                    continue
+                loss, pending = accumulated_step(model, pending, bf16) / cfg.grad_accum, []
+            else:
+                with bf16:
+                    loss = model(**batch).loss / cfg.grad_accum
+                loss.backward()
+                if (i + 1) % cfg.grad_accum:
+                    continue
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -323,14 +358,28 @@ def _train_worker(config: dict) -> None:
             if step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 save({"step": step, "loss": history["train"][-1]["loss"]}, epoch, i + 1)
         skip = 0
-        valid = _validate(spec.task, core, Path(config["lmdb_dir"]) / "valid", tokenizer, cfg, device) \
+        valid = _validate(spec.task, core, Path(config["lmdb_dir"]) / "valid", tokenizer, cfg, device,
+                          config.get("embeddings")) \
             if rank == 0 else {}
         history["valid"].append({"epoch": epoch + 1, "step": step, **valid})
-        if rank == 0:  # forwarded to the driver's log by Ray
+        if rank == 0:  # one line per epoch, forwarded to the driver's log by Ray
             recent = [r["loss"] for r in history["train"][-steps_per_epoch:]]
-            print(f"[mmcn.train] {spec.task} epoch {epoch + 1}/{cfg.epochs}: step {step}, "
-                  f"loss {sum(recent) / max(len(recent), 1):.4f}, {valid}", flush=True)
+            when = _epoch_timing(step, total_steps, steps_per_epoch, history["resumed_from"] or 0,
+                                 time.perf_counter() - started)
+            print(f"[mmcn.train] {spec.task} epoch {epoch + 1}/{cfg.epochs}: step {step}/{total_steps}, "
+                  f"loss {sum(recent) / max(len(recent), 1):.4f}, "
+                  + "".join(f"{k} {v}, " for k, v in valid.items()) + when, flush=True)
         save({"step": step, "epoch": epoch + 1, **valid}, epoch + 1, 0)
+
+
+def _epoch_timing(step: int, total_steps: int, steps_per_epoch: int, resumed: int, seconds: float) -> str:
+    """``12s/epoch, ETA 1m36s`` (``done in 2m00s`` at the end): the rate is this run's steps
+    (those since ``resumed``) over its time, validation included."""
+    from mmcn.logs import duration
+
+    per_step = seconds / max(step - resumed, 1)
+    left = f"ETA {duration(per_step * (total_steps - step))}" if step < total_steps else f"done in {duration(seconds)}"
+    return f"{duration(per_step * steps_per_epoch)}/epoch, {left}"
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -359,10 +408,23 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _task_data(task: str, store_path: Path, tokenizer, model_config, cfg: TrainConfig, seed: int | None = None):
+def _task_data(task: str, store_path: Path, tokenizer, model_config, cfg: TrainConfig, seed: int | None = None,
+               embeddings: dict | None = None):
     from mmcn.data.datasets import CaptionDataset, PretrainDataset, RetrievalDataset
     from mmcn.models.inputs import CaptionCollator, PretrainCollator, RetrievalCollator
 
+    if task == "clip":
+        from mmcn.data.datasets import ClipDataset
+        from mmcn.models.clip import ClipCollator, processor_of
+
+        return ClipDataset(store_path), ClipCollator(tokenizer, processor_of(tokenizer.name_or_path),
+                                                     model_config.max_text_len)
+    if task == "clipcap":  # (cached CLIP image embedding, caption) pairs
+        from mmcn.models.clipcap import ClipCapCollator
+        from mmcn.train.image_embeddings import EmbeddedCaptions
+
+        return (EmbeddedCaptions(store_path, (embeddings or {})[store_path.name]),
+                ClipCapCollator(tokenizer, model_config.max_text_len))
     if task == "pretrain":  # polluted pairs and masks drawn from the collator's generator
         dataset = PretrainDataset(store_path)
         gen = torch.Generator().manual_seed(seed if seed is not None else cfg.seed)
@@ -389,7 +451,8 @@ def _fraction(dataset, share: float):
 
 
 @torch.no_grad()
-def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, device) -> dict:
+def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, device,
+              embeddings: dict | None = None) -> dict:
     """Caption: masked-token loss and accuracy on valid (fixed masks); retrieval: dual-encoder
     recall (t2i / i2t R@1, mean recall) over the whole valid split, or for a matcher alone its
     loss on the valid pairs and one fixed random negative each (ranking every pair would
@@ -400,10 +463,14 @@ def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, d
         return {}
     model.eval()
     move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    if task == "clip":
+        from mmcn.models.clip import processor_of, validate
+
+        return validate(model, tokenizer, processor_of(tokenizer.name_or_path), store_path)
     if task == "pretrain":
         return _validate_pretrain(model, store_path, tokenizer, cfg, move)
-    if task == "caption":
-        dataset, collate = _task_data(task, store_path, tokenizer, model.config, cfg, seed=0)
+    if task in ("caption", "clipcap"):  # clipcap: the loss and accuracy of every caption token
+        dataset, collate = _task_data(task, store_path, tokenizer, model.config, cfg, seed=0, embeddings=embeddings)
         losses, correct, total = [], 0, 0
         for batch in DataLoader(dataset, batch_size=64, collate_fn=collate):
             out = model(**move(batch))

@@ -1,0 +1,237 @@
+"""ClipCap (task clipcap): mapper shapes by ClipCap's rules, the loss on caption tokens only,
+a tiny model that overfits a few pairs to their exact captions (greedy and beam), a frozen
+GPT-2 that stays untouched, save/load round trips, seeded sampling, and the shared training
+loop end to end on a tiny LMDB (cached CLIP embeddings, export layout)."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mmcn.models.clip import build_clip, image_embeddings, image_processor, load_clip
+from mmcn.models.clipcap import (ClipCapCollator, ClipCapDecoding, ClipCapGenerator, ClipCapModel, MLPMapper,
+                                 TransformerMapper, build_clipcap)
+from mmcn.models.tokenizer import build_tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import pinned_numerics  # noqa: E402
+
+CAPTIONS = ["一个红色的圆形", "两个蓝色的方块", "绿色三角形在左边", "黄色的星星在中间"]
+COLOURS = [(230, 20, 20), (20, 20, 230), (20, 200, 20), (240, 230, 10)]
+
+
+def image(colour, size: int = 40) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny random Chinese-CLIP saved as models/clip is (weights, tokenizer, image processor)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip") / "clip"
+    tok = build_tokenizer(CAPTIONS)
+    build_clip(len(tok), "tiny", image_size=32, embed_dim=24).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    image_processor(32).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def embeddings(clip_dir) -> torch.Tensor:
+    model, _, processor = load_clip(clip_dir)
+    return image_embeddings(model, processor, [image(c) for c in COLOURS])
+
+
+def tiny(clip_dir, tokenizer, **settings) -> ClipCapModel:
+    torch.manual_seed(0)
+    return build_clipcap(len(tokenizer), "tiny", clip=str(clip_dir), **{
+        "mapping": "mlp", "prefix_len": 4, "constant_len": 3, "num_layers": 1, "max_text_len": 16, **settings})
+
+
+def fit(model: ClipCapModel, batch: dict, steps: int, lr: float) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("mapping", ["mlp", "transformer"])
+def test_mapper_shapes_follow_clipcap(clip_dir, tokenizer, mapping):
+    """ClipCap's MLP: Linear(clip, d*P/2) Tanh Linear(d*P/2, d*P) -> P embeddings; its
+    TransformerMapper: Linear(clip, P*d) tokens + C learned constants -> the C outputs."""
+    model = tiny(clip_dir, tokenizer, mapping=mapping, prefix_len=4, constant_len=3, num_layers=2)
+    d, clip_dim = model.gpt2.config.n_embd, 24
+    mapper = model.mapper
+    x = torch.randn(5, clip_dim)
+    if mapping == "mlp":
+        assert isinstance(mapper, MLPMapper)
+        first, act, second = mapper.model
+        assert (first.in_features, first.out_features) == (clip_dim, d * 4 // 2)
+        assert isinstance(act, torch.nn.Tanh)
+        assert (second.in_features, second.out_features) == (d * 4 // 2, d * 4)
+        assert mapper(x).shape == (5, 4, d) == model.prefix(x).shape
+        assert model.config.prefix_tokens == 4
+    else:
+        assert isinstance(mapper, TransformerMapper)
+        assert (mapper.linear.in_features, mapper.linear.out_features) == (clip_dim, 4 * d)
+        assert mapper.constants.shape == (3, d) and len(mapper.transformer.layers) == 2
+        assert mapper(x).shape == (5, 3, d) == model.prefix(x).shape
+        assert model.config.prefix_tokens == 3
+        # the outputs are the constants' positions: the projected tokens, alone, give other values
+        tokens = mapper.linear(x).view(5, 4, d)
+        seq = torch.cat([tokens, mapper.constants.expand(5, -1, -1)], 1)
+        assert torch.allclose(mapper.transformer(seq)[:, 4:], mapper(x), atol=1e-6)
+
+
+def test_loss_scores_caption_tokens_only(clip_dir, tokenizer, embeddings):
+    """Cross entropy of caption tokens + [SEP] after the prefix, computed here from GPT-2's
+    own logits: prefix positions and padding never count."""
+    model = tiny(clip_dir, tokenizer).eval()
+    batch = ClipCapCollator(tokenizer, 16)([{"embedding": e, "caption": c} for e, c in zip(embeddings, CAPTIONS)])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids[0, :mask[0].sum()].tolist() == tokenizer.encode(CAPTIONS[0], add_special_tokens=False) + \
+        [tokenizer.sep_token_id]
+    prefix = model.prefix(batch["clip_embeds"])
+    p = prefix.shape[1]
+    logits = model.gpt2(inputs_embeds=torch.cat([prefix, model.gpt2.transformer.wte(ids)], 1),
+                        attention_mask=torch.cat([torch.ones(4, p, dtype=torch.long), mask], 1)).logits
+    nll, n = 0.0, 0
+    for b in range(4):
+        for t in range(int(mask[b].sum())):  # token t of the caption is predicted at position p - 1 + t
+            nll -= logits[b, p - 1 + t].log_softmax(-1)[ids[b, t]].item()
+            n += 1
+    assert model(**batch).loss.item() == pytest.approx(nll / n, rel=1e-5)
+
+
+def test_finetuned_tiny_clipcap_overfits_to_the_exact_captions(clip_dir, tokenizer, embeddings):
+    with pinned_numerics():
+        model = tiny(clip_dir, tokenizer, mapping="transformer", finetune_gpt2=True)
+        batch = ClipCapCollator(tokenizer, 16)([{"embedding": e, "caption": c} for e, c in zip(embeddings, CAPTIONS)])
+        losses = fit(model, batch, 120, 3e-3)
+        assert losses[-1] < 0.05 < losses[0]
+        model.eval()
+        for beams in (1, 3):
+            captions, scores = ClipCapGenerator(model, tokenizer, ClipCapDecoding(num_beams=beams)).from_embeddings(
+                embeddings)
+            assert captions == CAPTIONS and all(-0.1 < s <= 0 for s in scores)
+
+
+def test_frozen_gpt2_trains_the_mapper_alone(clip_dir, tokenizer, embeddings):
+    with pinned_numerics():
+        model = tiny(clip_dir, tokenizer, finetune_gpt2=False)
+        before = {k: v.clone() for k, v in model.gpt2.state_dict().items()}
+        batch = ClipCapCollator(tokenizer, 16)([{"embedding": e, "caption": c} for e, c in zip(embeddings, CAPTIONS)])
+        model.train()
+        assert not model.gpt2.training and model.mapper.training  # ClipCap's ClipCaptionPrefix: GPT-2 in eval
+        model(**batch).loss.backward()
+        assert all(p.grad is None for p in model.gpt2.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mapper.parameters())
+        model.zero_grad()
+        # a random frozen GPT-2 is a poor language model to steer (a pretrained Chinese GPT-2 is what
+        # ClipCap freezes): the check is that the prefix alone lowers the loss, GPT-2 untouched
+        losses = fit(model, batch, 60, 1e-2)
+        assert losses[-1] < losses[0] - 0.1
+        assert all(torch.equal(before[k], v) for k, v in model.gpt2.state_dict().items())
+
+
+def test_save_load_round_trip_gives_identical_captions(clip_dir, tokenizer, embeddings, tmp_path):
+    with pinned_numerics():
+        model = tiny(clip_dir, tokenizer, mapping="transformer")
+        batch = ClipCapCollator(tokenizer, 16)([{"embedding": e, "caption": c} for e, c in zip(embeddings, CAPTIONS)])
+        fit(model, batch, 30, 3e-3)
+        model.eval()
+        model.save_pretrained(tmp_path / "m")
+        tokenizer.save_pretrained(str(tmp_path / "m"))
+        config = json.loads((tmp_path / "m" / "config.json").read_text())
+        assert config["model_type"] == "mmcn_clipcap" and config["clip"] == "clip"
+        assert config["clip_source"] == str(clip_dir) and config["clip_dim"] == 24 and config["mapping"] == "transformer"
+        assert {"config.json", "mapper.safetensors", "gpt2", "clip"} <= {p.name for p in (tmp_path / "m").iterdir()}
+        assert (tmp_path / "m" / "gpt2" / "config.json").is_file() and (tmp_path / "m" / "clip" / "tokenizer_config.json").is_file()
+        images = [image(c) for c in COLOURS]
+        decoding = ClipCapDecoding(num_beams=2, max_length=12)
+        original = ClipCapGenerator(model, tokenizer, decoding)(images)
+        loaded = ClipCapGenerator.from_dir(tmp_path / "m", decoding)
+        assert loaded.model.config.clip == str(tmp_path / "m" / "clip")  # its own copy of the CLIP model
+        assert loaded(images) == original
+        state, again = model.state_dict(), loaded.model.state_dict()
+        assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+
+
+def test_sampling_is_deterministic_under_a_seed(clip_dir, tokenizer, embeddings):
+    model = tiny(clip_dir, tokenizer).eval()
+    two = embeddings[1:3]
+    for mode in ("top_k", "top_p"):
+        gen = lambda seed: ClipCapGenerator(model, tokenizer, ClipCapDecoding(  # noqa: E731
+            decoding=mode, top_k=20, top_p=0.95, max_length=6, seed=seed))
+        first = gen(0).from_embeddings(two)
+        torch.manual_seed(123)  # the global stream does not decide
+        assert gen(0).from_embeddings(two) == first
+        assert gen(0).from_embeddings(two[1:])[0] == first[0][1:]  # nor the batch the image is in
+    others = [gen(s).from_embeddings(two[:1])[0][0] for s in (1, 2, 3)]
+    assert any(o != first[0][0] for o in others)  # the seed does
+
+
+def test_bad_settings_are_errors(clip_dir, tokenizer):
+    with pytest.raises(ValueError, match="mapping: must be one of mlp, transformer"):
+        tiny(clip_dir, tokenizer, mapping="lstm")
+    with pytest.raises(ValueError, match="prefix_len: must be an integer >= 1"):
+        tiny(clip_dir, tokenizer, prefix_len=0)
+    with pytest.raises(FileNotFoundError, match="clipcap.model.clip"):
+        build_clipcap(len(tokenizer), "tiny", clip=str(clip_dir.parent / "none"))
+    with pytest.raises(ValueError, match="decoding: must be one of beam, top_k, top_p"):
+        ClipCapDecoding(decoding="greedy")
+    with pytest.raises(ValueError, match="top_p: must be in"):
+        ClipCapDecoding(top_p=0)
+
+
+def test_training_loop_end_to_end(clip_dir, tmp_path):
+    """The shared Ray Train loop (in-process) trains clipcap on a tiny LMDB: embeddings cached
+    once in the run folder, valid loss/accuracy per epoch, export in the saved layout."""
+    from test_lmdb import make_dataset
+
+    from mmcn.data.lmdb_build import build_lmdb
+    from mmcn.data.lmdb_store import LmdbStore
+    from mmcn.models.factory import load_model
+    from mmcn.train.loop import ModelSpec, TrainConfig, train
+
+    lmdb = tmp_path / "lmdb"
+    lmdb.mkdir()
+    for split, n in (("train", 8), ("valid", 3)):
+        d = make_dataset(tmp_path / split, n_images=n, split=split)
+        build_lmdb(d["tsv"], tmp_path / f"built-{split}", d["features"], d["tags"])
+        (tmp_path / f"built-{split}" / split).rename(lmdb / split)
+    settings = {"clip": str(clip_dir), "mapping": "mlp", "prefix_len": 2, "max_text_len": 16, "finetune_gpt2": True}
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, workers=0, checkpoint_every=100)
+    summary = train(ModelSpec("clipcap", "tiny", settings=settings), lmdb, tmp_path / "model", cfg, tmp_path / "ray")
+    steps = len(LmdbStore(lmdb / "train").pairs) // 4
+    assert summary["steps"] == 2 * steps and [v["epoch"] for v in summary["valid"]] == [1, 2]
+    assert {"valid_loss", "valid_token_accuracy"} <= set(summary["valid"][-1])
+    caches = sorted(p.name for p in (tmp_path / "ray" / summary["run"] / "clip-embeddings").iterdir())
+    assert caches == ["train.safetensors", "valid.safetensors"]
+    task, model = load_model(tmp_path / "model")
+    assert task == "clipcap" and isinstance(model, ClipCapModel) and model.config.clip_source == str(clip_dir)
+    assert (tmp_path / "model" / "tokenizer_config.json").is_file() and (tmp_path / "model" / "clip" / "config.json").is_file()
+    meta = json.loads((tmp_path / "model" / "mmcn.json").read_text())
+    assert meta["task"] == "clipcap" and meta["model"]["settings"]["clip"] == str(clip_dir)
+    store = LmdbStore(lmdb / "valid")
+    captions, scores = ClipCapGenerator.from_dir(tmp_path / "model", ClipCapDecoding(max_length=6))(
+        [store.get(i, ("image",)).image for i in range(len(store))])
+    assert len(captions) == 3 and all(s <= 0 for s in scores)
