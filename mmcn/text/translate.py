@@ -31,7 +31,8 @@ Kind = Literal["object", "attribute"]
 KINDS: tuple[str, ...] = ("object", "attribute")
 POLICIES: tuple[str, ...] = ("keep", "drop", "error")
 PACKAGED_TABLE = "resources/labels_zh.tsv"
-RESOURCES = (PACKAGED_TABLE,)  # package data read here (mmcn.provenance: code deps, fingerprints)
+IMAGENET_TABLE = "resources/imagenet_zh.tsv"  # the grid detector's ImageNet labels (mmcn.vision.grid)
+RESOURCES = (PACKAGED_TABLE, IMAGENET_TABLE)  # package data read here (mmcn.provenance: code deps, fingerprints)
 
 
 class UnknownLabelError(ValueError):
@@ -85,7 +86,8 @@ class LabelTable:
 
     @classmethod
     def load(cls, overrides: Path | None = None, rows: Sequence[Entry] = ()) -> "LabelTable":
-        """The packaged table, with the rows of an ``overrides`` file (or given ``rows``) on top."""
+        """The packaged table (plus ``imagenet_zh.tsv``'s rows for the grid detector's ImageNet
+        labels it lacks), with the rows of an ``overrides`` file (or given ``rows``) on top."""
         text = resources.files("mmcn").joinpath(PACKAGED_TABLE).read_text("utf-8")
         extra: list[Entry] = list(rows)
         if overrides:
@@ -94,7 +96,11 @@ class LabelTable:
                 raise FileNotFoundError(f"{path}: overrides file not found (set translate.overrides to an "
                                         "existing TSV of 'english<TAB>chinese' lines, or to empty)")
             extra += read_table(path.read_text("utf-8"), str(path))
-        return cls(read_table(text, f"mmcn/{PACKAGED_TABLE}"), extra)
+        entries = read_table(text, f"mmcn/{PACKAGED_TABLE}")
+        known = {normalise(e.en) for e in entries if e.kind in ("", "object")}
+        imagenet = read_table(resources.files("mmcn").joinpath(IMAGENET_TABLE).read_text("utf-8"),
+                              f"mmcn/{IMAGENET_TABLE}")
+        return cls(entries + [e for e in imagenet if normalise(e.en) not in known], extra)  # it fills gaps only
 
     def get(self, label: str, kind: Kind) -> str | None:
         return self._maps[kind].get(normalise(label))
