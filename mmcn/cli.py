@@ -84,10 +84,12 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
 def _cmd_features(args: argparse.Namespace) -> int:
     import ray
 
+    from mmcn.logs import quiet_ray_data, ray_init_options
     from mmcn.vision.extract import ExtractConfig, extract_features
 
     ray.init(address=args.ray_address or None, include_dashboard=False,
-             **({} if args.ray_address else {"num_cpus": args.num_cpus}))
+             **({} if args.ray_address else {"num_cpus": args.num_cpus}), **ray_init_options())
+    quiet_ray_data()
     cfg = ExtractConfig(min_boxes=args.min_boxes, max_boxes=args.max_boxes, score_thresh=args.score_thresh,
                         nms_thresh=args.nms_thresh, batch_size=args.batch_size, shard_size=args.shard_size,
                         workers=args.workers, use_gpu=args.use_gpu)
@@ -184,6 +186,59 @@ def _cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect_detector(args: argparse.Namespace) -> int:
+    from mmcn.vision.checkpoint import CheckpointError
+    from mmcn.vision.convert import inspect_checkpoint, read_label_files, resolve_labels
+
+    info = inspect_checkpoint(args.weights)
+    print(json.dumps({"checkpoint": str(args.weights), **info.as_dict()}, ensure_ascii=False) if args.json
+          else info.summary())
+    if not (args.arch or args.labels):
+        return 0
+    arch = args.arch or (info.presets[0] if info.presets else None)
+    if arch is None:
+        raise CheckpointError(f"{args.weights}: no detector.arch preset matches its architecture, so there is "
+                              f"no label map to check it against")
+    if arch not in info.presets:
+        raise CheckpointError(f"{args.weights}: its architecture does not fit detector.arch {arch} (fits: "
+                              f"{', '.join(info.presets) or 'none'}); `mmcn convert-detector` lists the keys")
+    _, _, assumed = resolve_labels(info, arch, read_label_files(args.labels))  # a misfit: CheckpointError, exit 2
+    if not args.json:
+        print(f"detector.arch {arch}: fits; " + "; ".join(assumed))
+    return 0
+
+
+def _detector_arch(value: str):
+    """``--arch``: a preset name, or a detector config.json file (its DetectorConfig)."""
+    from mmcn.vision.config import PRESETS, DetectorConfig
+
+    if value in PRESETS:
+        return value
+    if value.endswith(".json") and Path(value).is_file():
+        try:
+            return DetectorConfig.from_dict(json.loads(Path(value).read_text("utf-8")))
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"{value}: not a detector config ({e})") from e
+    raise argparse.ArgumentTypeError(f"{value!r}: not a preset ({', '.join(PRESETS)}) or a config.json file")
+
+
+def _cmd_convert_detector(args: argparse.Namespace) -> int:
+    import shutil
+
+    from mmcn.vision.convert import convert_detector
+    from mmcn.vision.detector import save_detector
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        if not args.force:
+            raise ValueError(f"{args.out}: exists and is not empty; pass --force to replace it")
+        shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()
+    conversion = convert_detector(args.weights, args.arch, args.labels)  # logs the summary and the assumptions
+    save_detector(conversion.model, args.out)
+    print(json.dumps({"out": str(args.out), "arch": conversion.model.config.name, "checkpoint": conversion.info.as_dict(),
+                      "assumed": conversion.assumed}, ensure_ascii=False))
+    return 0
+
+
 def _chain_settings(args: argparse.Namespace):
     """``(chain, decoding)`` for `caption` / `search`. The chain (ingest.max_side, features.*,
     translate.*): from ``--params`` when given, else None, which means the settings recorded in
@@ -268,7 +323,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from mmcn.infer import Searcher, expand_images
+    from mmcn.infer import Searcher, default_cache_dir, expand_images
 
     try:
         chain, _ = _chain_settings(args)
@@ -283,7 +338,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
             searcher.index_lmdb(args.lmdb)
         else:
             paths, skipped = expand_images(args.images)
-            skipped += searcher.index_images(paths)
+            cache = None if args.no_cache else args.cache_dir or default_cache_dir()
+            skipped += searcher.index_images(paths, cache_dir=cache)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -304,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mmcn.data.ingest import IngestConfig
     from mmcn.data.lmdb_build import LmdbConfig
     from mmcn.text.translate import TranslateConfig
+    from mmcn.vision.config import PRESETS
     from mmcn.vision.extract import ExtractConfig
 
     parser = argparse.ArgumentParser(prog="mmcn", description="Chinese vision-language pipeline (see README).")
@@ -555,6 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--lmdb", type=Path, help="an LMDB split folder, e.g. data/lmdb/test")
     p.add_argument("--model", type=Path, default=Path("models/retrieval"), help="retrieval model folder")
     p.add_argument("--top-k", type=int, default=5, help="how many images to print")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the index of --images is kept, by each file's content (SHA-256) and the model, "
+                        "detector and chain settings, so that the next query over the same images runs no "
+                        "detector (default: $XDG_CACHE_HOME/mmcn/search, i.e. ~/.cache/mmcn/search)")
+    p.add_argument("--no-cache", action="store_true", help="index --images afresh and keep nothing")
     p.add_argument("--json", action="store_true", help="one JSON object per line: rank, image, score")
     p.set_defaults(func=_cmd_search)
 
@@ -570,6 +632,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--format", choices=("oscar",), default="oscar", help="the layout to write")
     p.set_defaults(func=_cmd_export_model)
+
+    p = sub.add_parser(
+        "inspect-detector", help="what a BUTD / VinVL detection checkpoint says about itself (format, classes, "
+                                 "background row, label map, matching detector.arch)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Read a detectron2 (BUTD .pkl/.pth) or maskrcnn_benchmark (VinVL .pth) checkpoint and print its "
+            "format, architecture (depth, C4, attribute head), class and attribute counts, whether the "
+            "background / 'no attribute' rows look first or last from their biases (with the evidence), box "
+            "regression, the label map sizes it expects and the detector.arch presets it fits. With --arch or "
+            "--labels: also check that label map against it (exit 2 naming the file when it does not fit)."))
+    p.add_argument("weights", type=Path, help="checkpoint file")
+    p.add_argument("--arch", help="detector.arch preset to check against (default: the one that fits)")
+    p.add_argument("--labels", type=Path, nargs="+", default=[],
+                   help="label map: VinVL's VG-SGG-dicts-vgoi6-clipped.json and/or BUTD's objects_vocab.txt "
+                        "attributes_vocab.txt (default: the preset's packaged names)")
+    p.add_argument("--json", action="store_true", help="the facts as one JSON object")
+    p.set_defaults(func=_cmd_inspect_detector)
+
+    p = sub.add_parser(
+        "convert-detector", help="a BUTD / VinVL checkpoint -> a detector folder (the detector stage's conversion)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Convert a checkpoint as the detector stage does with detector.weights, outside DVC: inspect it (the "
+            "summary and what is assumed go to the log), check the label map, map the keys, and write OUT "
+            "(config.json + model.safetensors) for `mmcn caption/search --detector OUT`, `mmcn features` and "
+            "mmcn.vision.load_detector."))
+    p.add_argument("weights", type=Path, help="checkpoint file")
+    p.add_argument("--arch", required=True, type=_detector_arch,
+                   help=f"detector.arch preset ({', '.join(PRESETS)}), or a detector config.json (as "
+                        f"save_detector writes) for an architecture no preset has")
+    p.add_argument("--out", type=Path, default=Path("models/detector"), help="detector folder to write")
+    p.add_argument("--labels", type=Path, nargs="+", default=[],
+                   help="label map: VinVL's VG-SGG-dicts-vgoi6-clipped.json and/or BUTD's objects_vocab.txt "
+                        "attributes_vocab.txt (default: the preset's packaged names)")
+    p.add_argument("--force", action="store_true", help="replace OUT when it exists and is not empty")
+    p.set_defaults(func=_cmd_convert_detector)
 
     for name in ("caption", "search"):
         p = sub.choices[name]

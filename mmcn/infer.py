@@ -9,15 +9,20 @@ image stored in the LMDB, as long as the settings match the pipeline's params.
 
 * :class:`Captioner`: ``Captioner.from_dir("models/caption")(["a.jpg"]) -> ["一个红色的圆形"]``;
   :meth:`Captioner.caption` returns per-image results and reports bad files instead of raising.
-* :class:`Searcher`: rank images (raw files or an LMDB split) for a Chinese query.
+* :class:`Searcher`: rank images (raw files or an LMDB split) for a Chinese query; the
+  index of raw files can be cached on disk (:class:`IndexCache`), so a second query over the
+  same images only encodes the text.
 The models themselves run through :mod:`mmcn.models.inference` (also used by the
 evaluation stage and the training loop's validation).
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Sequence, Union
@@ -239,9 +244,10 @@ class Searcher:
     """
 
     def __init__(self, encoder: RetrievalEncoder, detector_dir: Path | str | None = None,
-                 chain: ChainConfig | None = None, batch_size: int = 64):
+                 chain: ChainConfig | None = None, batch_size: int = 64, model_dir: Path | str | None = None):
         chain = chain if chain is not None else ChainConfig()
         self.encoder, self.detector_dir, self.chain_cfg, self.batch_size = encoder, detector_dir, chain, batch_size
+        self.model_dir = model_dir  # the retrieval model's folder: part of the image cache's key
         self._chain: RegionChain | None = None
         self.names: list[str] = []
         self.embeddings = np.zeros((0, encoder.dim), np.float32)
@@ -253,7 +259,8 @@ class Searcher:
         """``chain`` None: the chain recorded in the model folder (:meth:`ChainConfig.of_model`)."""
         if chain is None and detector_dir is not None:
             chain = ChainConfig.of_model(model_dir)
-        return cls(RetrievalEncoder.from_dir(model_dir, pick_device(device)), detector_dir, chain, batch_size)
+        return cls(RetrievalEncoder.from_dir(model_dir, pick_device(device)), detector_dir, chain, batch_size,
+                   model_dir)
 
     def _add(self, names: list[str], items: list[dict]) -> None:
         if items:
@@ -263,18 +270,66 @@ class Searcher:
             else:
                 self.items += items
 
-    def index_images(self, images: Sequence[ImageInput]) -> list[Skipped]:
-        """Run the detector chain over raw images and add them; returns the skipped ones."""
-        if self._chain is None:
+    def identity(self) -> str:
+        """What an image's index entry depends on besides the image: the retrieval model's and
+        the detector's files (name, size, modification time), the chain settings (with the
+        overrides file's), the device type (bf16 on a GPU) and :data:`IndexCache.VERSION`."""
+        if self.model_dir is None or self.detector_dir is None:
+            raise ValueError("caching the image index needs the model and detector folders (Searcher.from_dir)")
+
+        def files(folder) -> list:
+            folder = Path(folder)
+            paths = sorted(q for q in folder.rglob("*") if q.is_file()) if folder.is_dir() else [folder]
+            return [(str(q.relative_to(folder)) if q != folder else q.name, q.stat().st_size, q.stat().st_mtime_ns)
+                    for q in paths if q.exists()]
+
+        key = {"version": IndexCache.VERSION, "model": files(self.model_dir), "detector": files(self.detector_dir),
+               "chain": dataclasses.asdict(self.chain_cfg),
+               "overrides": files(self.chain_cfg.overrides) if self.chain_cfg.overrides else [],
+               "device": self.encoder.device.type, "dual_encoder": self.encoder.dual_encoder}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def index_images(self, images: Sequence[ImageInput], cache_dir: Path | str | None = None) -> list[Skipped]:
+        """Run the detector chain over raw images and add them (in input order); returns the
+        skipped ones. With ``cache_dir`` (:class:`IndexCache`), an image whose bytes (SHA-256)
+        were indexed before under this searcher's :meth:`identity` is taken from the cache
+        (its embedding; for a matcher-only model its region features and tags), so the
+        detector runs only on new or changed images (and is not even loaded when none is);
+        their entries are added to the cache."""
+        cache = IndexCache(cache_dir, self.identity()) if cache_dir is not None else None
+        known = cache.load() if cache is not None else {}
+        digests = [_digest(image) for image in images]
+        todo = [k for k, d in enumerate(digests) if d is None or d not in known]
+        entries = {k: known[d] for k, d in enumerate(digests) if d is not None and d in known}
+        if cache is not None:
+            log.info("image index: %d of %d images from the cache %s, %d through the detector", len(entries),
+                     len(images), cache.path, len(todo))
+        if todo and self._chain is None:
             if self.detector_dir is None:
                 raise ValueError("indexing raw images needs the detector folder (detector_dir)")
             self._chain = RegionChain(self.detector_dir, self.chain_cfg, self.encoder.device)
-        skipped = []
-        for first in range(0, len(images), self.batch_size):
-            regions = self._chain(images[first:first + self.batch_size])
-            good = [r for r in regions if isinstance(r, Regions)]
+        skipped, new = [], {}
+        for first in range(0, len(todo), self.batch_size):
+            chunk = todo[first:first + self.batch_size]
+            regions = self._chain([images[k] for k in chunk])
             skipped += [r for r in regions if isinstance(r, Skipped)]
-            self._add([r.source for r in good], [r.item() for r in good])
+            good = [(k, r.item()) for k, r in zip(chunk, regions) if isinstance(r, Regions)]
+            if good and self.encoder.dual_encoder:
+                good = list(zip([k for k, _ in good], self.encoder.images([item for _, item in good])))
+            for k, entry in good:
+                entries[k] = entry
+                if digests[k] is not None:
+                    new[digests[k]] = entry
+        if cache is not None and new:
+            cache.save({**known, **new})
+        order = sorted(entries)
+        names = [f"<bytes #{k}>" if isinstance(images[k], bytes) else str(images[k]) for k in order]
+        if self.encoder.dual_encoder:
+            self.names += names
+            self.embeddings = np.concatenate([self.embeddings, np.asarray([entries[k] for k in order],
+                                                                          np.float32).reshape(-1, self.encoder.dim)])
+        else:
+            self._add(names, [entries[k] for k in order])
         return skipped
 
     def index_lmdb(self, path: Path | str) -> int:
@@ -302,3 +357,66 @@ class Searcher:
         order = np.argsort(-scores, kind="stable")[:k]
         return [Hit(r + 1, self.names[i], float(scores[i])) for r, i in enumerate(order)]
 
+
+
+# --------------------------------------------------------------------------- the image index cache
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/mmcn/search`` (``~/.cache/mmcn/search``): where `mmcn search --images` keeps
+    its image index, outside the image folder (which may be read-only or under version control)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmcn" / "search"
+
+
+def _digest(image: ImageInput) -> str | None:
+    """SHA-256 of an image's bytes (None when the file cannot be read: the chain reports why)."""
+    try:
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    except OSError:
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
+class IndexCache:
+    """Index entries of raw images, by the SHA-256 of their bytes, in one file per searcher
+    identity (:meth:`Searcher.identity`: model, detector, chain settings):
+    ``{folder}/{identity}.npz``. An entry is an image's embedding (dual encoder) or, for a
+    matcher-only model, the item the matcher reads (region features, tag text, image id). No
+    pickle: plain arrays, read with ``allow_pickle=False``; written to a temporary file and
+    renamed, so a reader never sees half a file. A file that cannot be read is rebuilt."""
+
+    VERSION = 1
+
+    def __init__(self, folder: Path | str, identity: str):
+        self.path = Path(folder) / f"{identity}.npz"
+
+    def load(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                keys = [str(k) for k in z["sha256"]]
+                if "embedding" in z:
+                    return dict(zip(keys, z["embedding"]))
+                feats, offsets, tags, ids = z["features"], z["offsets"], z["tags"], z["image_id"]
+                return {key: {"image_id": int(ids[k]), "tags": str(tags[k]),
+                              "features": torch.from_numpy(feats[offsets[k]:offsets[k + 1]].copy())}
+                        for k, key in enumerate(keys)}
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("image index cache %s is unreadable (%s): indexing again", self.path, e)
+            return {}
+
+    def save(self, entries: dict) -> None:
+        keys = list(entries)
+        arrays: dict[str, np.ndarray] = {"sha256": np.asarray(keys, dtype="U64")}
+        values = [entries[k] for k in keys]
+        if values and isinstance(values[0], dict):
+            feats = [np.asarray(v["features"], np.float32) for v in values]
+            arrays.update(features=np.concatenate(feats) if feats else np.zeros((0, 0), np.float32),
+                          offsets=np.cumsum([0] + [len(f) for f in feats]), tags=np.asarray([v["tags"] for v in values]),
+                          image_id=np.asarray([v["image_id"] for v in values], np.int64))
+        else:
+            arrays["embedding"] = np.asarray(values, np.float32)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.path)

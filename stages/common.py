@@ -10,7 +10,7 @@ from typing import Callable
 
 import yaml
 
-from mmcn.logs import setup_logging
+from mmcn.logs import quiet_ray_data, ray_init_options, setup_logging
 from mmcn.settings import SettingsError, build, run_main
 
 PARAMS_FILE = Path("params.yaml")
@@ -101,10 +101,12 @@ def start_ray() -> None:
 
     conf = ray_settings()
     address = os.environ.get("RAY_ADDRESS") or conf.address or None
+    quiet = ray_init_options()  # Ray's INFO lines and routine notices out of the stage's log
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=conf.num_cpus or os.cpu_count(), include_dashboard=False)
+        ray.init(num_cpus=conf.num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+    quiet_ray_data()
 
 
 def start(name: str) -> logging.Logger:

@@ -151,3 +151,53 @@ def test_a_model_folder_carries_its_chain_settings_anywhere(chain_project, tmp_p
     assert main(["caption", *map(str, paths), "--model", str(copied), "--detector",
                  str(chain_project / "models/detector"), "--device", "cpu"]) == 0
     assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == [expected[images[p]] for p in paths]
+
+
+def test_search_caches_the_image_index_by_file_content_and_model(chain_project, tmp_path, monkeypatch, caplog):
+    """A second index of the same files runs no detector (nor loads it) and ranks as the first;
+    a changed image goes through the detector alone; a rewritten model file invalidates all."""
+    from mmcn.infer import RegionChain
+
+    folder, models, cache = tmp_path / "images", tmp_path / "models", tmp_path / "cache"
+    folder.mkdir()
+    for path in sorted(raw_test_images(chain_project))[:4]:
+        shutil.copy(path, folder / path.name)
+    shutil.copytree(chain_project / "models/retrieval", models / "retrieval")
+    detected: list[str] = []
+    real_call = RegionChain.__call__
+
+    def counting(self, images):
+        detected.extend(Path(str(im)).name for im in images)
+        return real_call(self, images)
+
+    monkeypatch.setattr(RegionChain, "__call__", counting)
+
+    def index(cache_dir=cache) -> Searcher:
+        searcher = Searcher.from_dir(models / "retrieval", chain_project / "models/detector", CHAIN, "cpu")
+        assert searcher.index_images(sorted(folder.iterdir()), cache_dir=cache_dir) == []
+        return searcher
+
+    def ranking(searcher: Searcher) -> list:
+        return [(Path(h.name).name, round(h.score, 5)) for h in searcher.search("一个红色的圆形", k=4)]
+
+    first = index()
+    assert sorted(detected) == sorted(p.name for p in folder.iterdir()) and len(list(cache.glob("*.npz"))) == 1
+    caplog.set_level("INFO", logger="mmcn.infer")
+    second = index()
+    assert len(detected) == 4 and second._chain is None  # no detector loaded, none run
+    assert "4 of 4 images from the cache" in caplog.text
+    assert ranking(second) == ranking(first) == ranking(index(cache_dir=None))  # as without a cache
+    detected.clear()
+
+    changed = sorted(folder.iterdir())[1]
+    with Image.open(changed) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(changed, quality=95)
+    third = index()
+    assert detected == [changed.name]
+    assert ranking(third) == ranking(index(cache_dir=None))
+    detected.clear()
+
+    config = models / "retrieval/config.json"
+    config.write_bytes(config.read_bytes())  # the same bytes, a new file: the model may have changed
+    index()
+    assert len(detected) == 4 and len(list(cache.glob("*.npz"))) == 2

@@ -39,7 +39,6 @@ import msgpack
 import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
-from tqdm import tqdm
 
 from mmcn.data import features as region_features
 from mmcn.data import tsv
@@ -48,6 +47,7 @@ from mmcn.data.lmdb_store import (DBS, DIGEST_BYTES, META_DIGEST, SCHEMA_VERSION
                                   record_seed, seal, split_dirs)
 from mmcn.data.outputs import pid_alive
 from mmcn.data.tags import ImageTags, read_tags, tags_path
+from mmcn.logs import Progress
 from mmcn.provenance import checksum
 
 log = logging.getLogger(__name__)
@@ -593,7 +593,7 @@ def _write_split(split: str, data: _Split, features_dir: Path | None, tags: dict
     n, texts = len(data.image_ids), data.texts
     per_shard = max(1, -(-n // cfg.shards))
     lines = np.flatnonzero(data.keep_lines)
-    bar = tqdm(total=n, desc=f"lmdb {split}", unit="img", leave=False, miniters=1000)
+    bar = Progress(n, f"lmdb {split}", "img", log)
     if cfg.shards > 1:
         out.mkdir()
 

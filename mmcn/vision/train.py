@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from mmcn.data import tsv
 from mmcn.data.image import decode_rgb
 from mmcn.data.manifest import ManifestEntry, manifest_path, read_manifest
+from mmcn.logs import Progress
 from mmcn.vision.detector import Detector
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def train_detector(model: Detector, samples: list[Sample], cfg: DetectorTrainCon
     history: list[dict] = []
     model.train()
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="train detector", unit="step", disable=None)
+    bar = Progress(total, "train detector", "step", log)
     step = 0
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(samples), generator=generator).tolist()
@@ -137,8 +137,7 @@ def train_detector(model: Detector, samples: list[Sample], cfg: DetectorTrainCon
             history.append(row)
             if on_step:
                 on_step(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            bar.update(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{row['loss']:.3f}")
             step += 1
     bar.close()
     model.eval()
