@@ -10,11 +10,12 @@ from pathlib import Path
 
 from common import run, stage_param, stage_params, start
 
+from mmcn.data.manifest import manifest_path, read_manifest
 from mmcn.data.oscar_import import find_files
 from mmcn.eval.detection import evaluate_detector
 from mmcn.settings import SettingsError, build, expect
-from mmcn.vision.checkpoint import load_checkpoint
 from mmcn.vision.config import PRESETS, detector_config
+from mmcn.vision.convert import convert_detector
 from mmcn.vision.detector import build_detector, save_detector, save_no_detector
 from mmcn.vision.grid import GRID_ARCH, convert_grid
 from mmcn.vision.train import DetectorTrainConfig, load_samples, train_detector, vocab_from_manifest
@@ -24,6 +25,8 @@ OUT = Path("models/detector")
 METRICS = Path("metrics/detector.json")
 PLOT = Path("plots/detector_loss.csv")
 CHECKPOINT_SUFFIXES = (".pkl", ".pth")
+LABEL_SUFFIXES = (".json", ".txt")  # a label map beside the checkpoint: VinVL's *.json, BUTD's *_vocab.txt
+README_SECTION = "README, 'Region features from published detectors'"
 
 
 def checkpoint_file(weights: Path) -> Path | None:
@@ -39,22 +42,50 @@ def checkpoint_file(weights: Path) -> Path | None:
     return found[0] if found else None
 
 
-def read_params() -> tuple[str, Path | None, DetectorTrainConfig, Path]:
-    """``(arch, checkpoint file or None: train, training settings, features.source)``, checked."""
+def label_files(weights: Path) -> list[Path]:
+    """The label map files in a ``detector.weights`` folder (none for a file: its neighbours are
+    no dep of the stage): VinVL's ``VG-SGG-dicts-vgoi6-clipped.json``, BUTD's ``objects_vocab.txt``
+    / ``attributes_vocab.txt``. None: the ``detector.arch`` preset's packaged names."""
+    return [] if weights.is_file() else sorted(p for p in weights.iterdir() if p.is_file()
+                                                and p.suffix in LABEL_SUFFIXES)
+
+
+def require_boxes(weights: Path) -> None:
+    """Training needs ground-truth boxes; a captioning dataset has none: say what to do instead,
+    before any work (a settings error: one line, exit 2)."""
+    manifest = manifest_path(TSV, "train")
+    if not any(entry.objects for entry in read_manifest(manifest)):
+        raise SettingsError(
+            f"{manifest}: no ground-truth boxes (`objects` in captions.jsonl; captioning datasets such as MUGE, "
+            f"Flickr30k-CN and COCO-CN have none) and no checkpoint in detector.weights ({weights}), so the "
+            f"detector stage has nothing to train or convert. Choose one ({README_SECTION}): a published "
+            f"detector (BUTD's faster_rcnn_from_caffe_attr.pkl with detector.arch: butd_r101_c4, or VinVL's "
+            f"vinvl_vg_x152c4.pth with detector.arch: vinvl_x152_c4, put in detector.weights); the grid-feature "
+            f"fallback on an ImageNet ResNet checkpoint when you have no detector (see README); or released "
+            f"VinVL/Oscar features in features.source")
+
+
+def read_params() -> tuple[str, Path, Path | None, DetectorTrainConfig, Path]:
+    """``(arch, detector.weights, its checkpoint file or None: train, training settings,
+    features.source)``, checked."""
     p = stage_params("detector")
     arch = expect(p, "detector", "arch", choices=(*PRESETS, GRID_ARCH))
     expect(p, "detector", "weights", path="any")
     source = Path(expect({"source": stage_param("features.source")}, "features", "source", path="any"))
-    return arch, checkpoint_file(Path(p["weights"])), build(DetectorTrainConfig, ("detector", p),
-                                                             own=("weights", "arch")), source
+    weights = Path(p["weights"])
+    return arch, weights, checkpoint_file(weights), build(DetectorTrainConfig, ("detector", p),
+                                                          own=("weights", "arch")), source
 
 
 def main() -> None:
     log = start("detector")
-    arch, weights, train_cfg, source = read_params()
+    arch, weights_param, weights, train_cfg, source = read_params()
+    released = find_files(source)[0]
+    if not released and not weights and arch in PRESETS:  # would train: first check there is something to train on
+        require_boxes(weights_param)
     METRICS.parent.mkdir(exist_ok=True)
     PLOT.parent.mkdir(exist_ok=True)
-    if find_files(source)[0]:
+    if released:
         reason = f"features imported from {source} (features.source)"
         log.info("no detector: %s", reason)
         model, history, metrics = None, [], {"source": "none", "reason": reason}
@@ -71,9 +102,11 @@ def main() -> None:
         log.info("grid detector from %s: %s, %d boxes per image", weights, model.config.arch,
                  model.config.boxes_per_image)
     elif weights:
-        model = load_checkpoint(weights, detector_config(arch))  # CheckpointError (a ValueError): exit 2
-        history = []
-        metrics = {"source": "converted", "arch": arch}
+        # the inspection summary and what was assumed go to the log; CheckpointError (a ValueError): exit 2
+        conversion = convert_detector(weights, arch, label_files(weights_param))
+        model, history = conversion.model, []
+        metrics = {"source": "converted", "arch": arch, "checkpoint": conversion.info.as_dict(),
+                   "assumed": conversion.assumed}
     else:
         classes, attributes = vocab_from_manifest(TSV, "train")
         model = build_detector(detector_config(arch, classes=classes, attributes=attributes))

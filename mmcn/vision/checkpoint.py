@@ -142,8 +142,10 @@ def _unwrap(obj: Any, origin: str) -> dict[str, Tensor]:
     return state
 
 
-def guess_source(state: dict[str, Tensor]) -> str:
-    """``"detectron2"``, ``"maskrcnn_benchmark"`` or ``"native"`` from the key names."""
+def guess_source(state: dict[str, Tensor], origin: str = "the checkpoint") -> str:
+    """``"detectron2"``, ``"maskrcnn_benchmark"`` or ``"native"`` from the key names. An
+    ImageNet classification checkpoint (torchvision ResNet keys) or an unknown layout is a
+    :class:`CheckpointError` that says what the file is and what to do instead."""
     keys = [_strip_module(k) for k in state]
     if any(k.startswith(("backbone.body.", "roi_heads.box.")) for k in keys):
         return "maskrcnn_benchmark"
@@ -152,10 +154,19 @@ def guess_source(state: dict[str, Tensor]) -> str:
     if any(k.startswith(("backbone.stem.bn1.", "roi_heads.box_predictor.", "rpn.head.")) for k in keys):
         return "native"
     if any(re.match(r"res\d_\d+_branch", k) for k in keys):
-        raise CheckpointError("this looks like a Caffe2 / Detectron1 blob file (res2_0_branch2a_w ...); convert it "
-                              "to detectron2 names with detectron2's c2 model loading first")
-    raise CheckpointError(f"cannot tell the checkpoint format from its keys (first: {keys[:5]}); "
-                          f"pass source= one of {SOURCES}")
+        raise CheckpointError(f"{origin}: this looks like a Caffe2 / Detectron1 blob file (res2_0_branch2a_w ...); "
+                              f"convert it to detectron2 names with detectron2's c2 model loading first")
+    if "fc.weight" in keys and "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+        raise CheckpointError(
+            f"{origin}: an image classification checkpoint (torchvision ResNet/ResNeXt keys conv1, layer1..4, fc "
+            f"with {tuple(state[next(k for k in state if _strip_module(k) == 'fc.weight')].shape)[0]} classes), not "
+            f"a detector: it has no region proposal or box heads to convert. For features from it use the "
+            f"grid-feature fallback (see README, 'Region features from published detectors'); for region features "
+            f"give a detection checkpoint (BUTD faster_rcnn_from_caffe_attr.pkl, VinVL vinvl_vg_x152c4.pth)")
+    raise CheckpointError(
+        f"{origin}: cannot tell its format: not a detectron2 (BUTD) or maskrcnn_benchmark (VinVL) detection "
+        f"checkpoint, no key names either uses (first: {keys[:5]}); README 'Region features from published "
+        f"detectors' names the files mmcn converts")
 
 
 def _strip_module(key: str) -> str:
@@ -386,12 +397,18 @@ def load_checkpoint(path: str | Path, config: DetectorConfig | str, source: str 
     if isinstance(config, str):
         config = detector_config(config)
     state = read_state_dict(path)
-    source = source or guess_source(state)
-    converted = convert_state_dict(state, source, config, strict=strict, origin=str(path))
+    source = source or guess_source(state, str(path))
+    return detector_from_state(state, source, config, strict=strict, origin=str(path)).to(map_location)
+
+
+def detector_from_state(state: dict[str, Tensor], source: str, config: DetectorConfig, strict: bool = True,
+                        origin: str = "state dict") -> Detector:
+    """A detector holding a ``source``-format state dict's weights (:func:`convert_state_dict`), in eval mode."""
+    converted = convert_state_dict(state, source, config, strict=strict, origin=origin)
     model = Detector(config)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if strict and (missing or unexpected):  # convert_state_dict already checked; this guards the guard
-        raise CheckpointError(f"{path}: missing {missing[:_MAX_LISTED]}, unexpected {unexpected[:_MAX_LISTED]}")
-    return model.to(map_location).eval()
+        raise CheckpointError(f"{origin}: missing {missing[:_MAX_LISTED]}, unexpected {unexpected[:_MAX_LISTED]}")
+    return model.eval()
 
