@@ -7,12 +7,13 @@ from pathlib import Path
 
 from common import execution_params, ray_settings, run, stage_params, start, start_ray
 
-from mmcn.eval.evaluate import EvalConfig, evaluate_captions, evaluate_retrieval
+from mmcn.eval.evaluate import ClipCapEvalConfig, EvalConfig, evaluate_captions, evaluate_clipcap, evaluate_retrieval
 from mmcn.settings import build
 
 
-def read_params(task: str) -> EvalConfig:
-    cfg = build(EvalConfig, (f"{task}.eval", stage_params(f"{task}.eval")),
+def read_params(task: str) -> EvalConfig | ClipCapEvalConfig:
+    config_class = ClipCapEvalConfig if task == "clipcap" else EvalConfig  # clipcap: beam | top_k | top_p decoding
+    cfg = build(config_class, (f"{task}.eval", stage_params(f"{task}.eval")),
                 (f"execution.{task}.eval", execution_params(f"{task}.eval")))
     ray_settings()
     return cfg
@@ -24,7 +25,7 @@ def main() -> None:
     cfg = read_params(task)
     os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     start_ray()
-    run_task = {"caption": evaluate_captions, "retrieval": evaluate_retrieval}[task]
+    run_task = {"caption": evaluate_captions, "retrieval": evaluate_retrieval, "clipcap": evaluate_clipcap}[task]
     metrics = run_task(Path(f"models/{task}"), Path("data/lmdb"), Path(f"reports/{task}"), cfg)
     Path("metrics").mkdir(exist_ok=True)
     Path(f"metrics/{task}.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

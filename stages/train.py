@@ -36,6 +36,8 @@ def read_params(task: str) -> tuple[ModelSpec, TrainConfig, Path]:
     section = f"{task}.model"
     expect(model, section, "size", choices=tuple(SIZES))
     expect(model, section, "init", path="dir", optional=True)  # a model folder, or data/init/{task} (scratch)
+    if task == "clipcap":  # the CLIP folder whose embeddings it maps (models/clip: train@clip's model, a dep)
+        expect(model, section, "clip", path="dir")
     build(TASKS[task][0], (section, model), own=("size", "init"))  # the task config's checks (types, ranges, choices)
     init = init_dir(Path(model["init"]) if model["init"] else None)
     settings = {k: v for k, v in model.items() if k not in ("size", "init")}
@@ -59,8 +61,8 @@ def main() -> None:
     write_csv(Path(f"plots/valid_{task}.csv"), summary["valid"])
     first, last = summary["train"][0]["loss"], summary["train"][-1]["loss"]
     metrics = {"steps": summary["steps"], "seconds": summary["seconds"], "first_loss": first, "final_loss": last,
-               **{k: v for k, v in summary["valid"][-1].items() if k.startswith("valid_")}}
-    Path(f"metrics/train_{task}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+               **{k: v for k, v in summary["valid"][-1].items() if k.startswith("valid_")}, **summary["oov"]}
+    Path(f"metrics/train_{task}.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     log.info("%s: loss %.3f -> %.3f over %d steps; %s", task, first, last, summary["steps"], summary["valid"][-1])
 
 

@@ -202,9 +202,11 @@ def test_bad_settings_are_errors(clip_dir, tokenizer):
         ClipCapDecoding(top_p=0)
 
 
-def test_training_loop_end_to_end(clip_dir, tmp_path):
+def test_training_loop_and_evaluation_end_to_end(ray_session, clip_dir, tmp_path):
     """The shared Ray Train loop (in-process) trains clipcap on a tiny LMDB: embeddings cached
-    once in the run folder, valid loss/accuracy per epoch, export in the saved layout."""
+    once in the run folder, valid loss/accuracy per epoch, export in the saved layout; the
+    evaluation's Ray Data actors caption the stored image bytes as the generator does, scored
+    with evaluate@caption's metric keys and files."""
     from test_lmdb import make_dataset
 
     from mmcn.data.lmdb_build import build_lmdb
@@ -235,3 +237,15 @@ def test_training_loop_end_to_end(clip_dir, tmp_path):
     captions, scores = ClipCapGenerator.from_dir(tmp_path / "model", ClipCapDecoding(max_length=6))(
         [store.get(i, ("image",)).image for i in range(len(store))])
     assert len(captions) == 3 and all(s <= 0 for s in scores)
+
+    from mmcn.data.eval_files import read_caption_predictions, read_caption_scores
+    from mmcn.eval.caption_metrics import METRICS
+    from mmcn.eval.evaluate import ClipCapEvalConfig, evaluate_clipcap
+
+    metrics = evaluate_clipcap(tmp_path / "model", lmdb, tmp_path / "report", ClipCapEvalConfig(
+        batch_size=2, max_length=6), split="valid")
+    assert set(METRICS) <= set(metrics) and metrics["n_images"] == 3 and metrics["decoding"] == "beam"
+    assert set(METRICS) <= set(metrics["baseline_most_frequent_caption"])
+    predicted = {int(r.image_id): r.caption for r in read_caption_predictions(tmp_path / "report" / "predictions.jsonl")}
+    assert predicted == {int(i): c for i, c in zip(store.image_ids, captions)}
+    assert len(read_caption_scores(tmp_path / "report" / "per_image.jsonl")) == 3

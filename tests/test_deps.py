@@ -72,8 +72,8 @@ def stages(dvc_yaml: dict, params: dict) -> list[Stage]:
         if isinstance(items, str):
             items = interpolate(items, None, params)
         if isinstance(items, dict):  # key -> value: ${key} is the instance name, ${item.x} the value's fields
-            pairs = [(k, lookup(params, v[2:-1]) if isinstance(v, str) and v.startswith("${") else v)
-                     for k, v in items.items()]
+            pairs = [(k, lookup(params, v[2:-1]) if isinstance(v, str) and v.startswith("${") else
+                      interpolate(v, None, params)) for k, v in items.items()]
         else:
             assert isinstance(items, list), f"{name}: foreach over a {type(items).__name__} is not handled here"
             pairs = [(item, item) for item in items]

@@ -36,6 +36,8 @@ CHECKED_BY = {
     "caption.eval": ("evaluate", "caption"), "execution.caption.eval": ("evaluate", "caption"),
     "retrieval.eval": ("evaluate", "retrieval"), "execution.retrieval.eval": ("evaluate", "retrieval"),
     "report": ("report",),
+    "clipcap.model": ("train", "clipcap"), "clipcap.train": ("train", "clipcap"),
+    "clipcap.eval": ("evaluate", "clipcap"), "execution.clipcap.eval": ("evaluate", "clipcap"),
 }
 
 # (param, bad value, text the one-line error must hold: default "params.yaml: <param>")
@@ -56,6 +58,7 @@ ROWS = [
     ("features.score_thresh", 2), ("features.score_thresh", "0.2"),
     ("features.nms_thresh", 0), ("features.nms_thresh", None),
     ("features.batch_size", 0), ("features.batch_size", 8.0),
+    ("features.max_memory_mb", -1), ("features.max_memory_mb", "6GB"),
     ("features.shard_size", "big"), ("features.use_gpu", "no"), ("features.workers", 2, "also set under"),
     ("translate.overrides", "no/such/overrides.tsv"), ("translate.unknown", "ignore"),
     ("translate.max_attributes", -1),
@@ -99,6 +102,17 @@ ROWS = [
     ("execution.features.workers", 0), ("execution.features.workers", "1"),
     ("execution.lmdb.workers", -1), ("execution.train.cpus_per_worker", 0),
     ("execution.caption.eval.workers", 0), ("execution.retrieval.eval.workers", "one"),
+    ("clipcap.model.clip", "no/such/clip"), ("clipcap.model.init", "no/such/gpt2"), ("clipcap.model.size", "huge"),
+    ("clipcap.model.mapping", "lstm"), ("clipcap.model.prefix_len", 0), ("clipcap.model.constant_len", "10"),
+    ("clipcap.model.num_layers", 0), ("clipcap.model.finetune_gpt2", "yes"), ("clipcap.model.max_text_len", 1),
+    ("clipcap.train.epochs", 0), ("clipcap.train.batch_size", -1), ("clipcap.train.lr", 0),
+    ("clipcap.train.weight_decay", -1), ("clipcap.train.warmup_ratio", 1), ("clipcap.train.schedule", "step"),
+    ("clipcap.train.grad_accum", 0), ("clipcap.train.max_grad_norm", 0), ("clipcap.train.seed", "0"),
+    ("clipcap.train.checkpoint_every", 0), ("clipcap.train.train_fraction", 0),
+    ("clipcap.eval.decoding", "mmcn"), ("clipcap.eval.num_beams", 0), ("clipcap.eval.top_k", 0),
+    ("clipcap.eval.top_p", 1.5), ("clipcap.eval.max_length", 0), ("clipcap.eval.length_penalty", "long"),
+    ("clipcap.eval.seed", 1.5), ("clipcap.eval.tokenize", "word"), ("clipcap.eval.batch_size", 0),
+    ("clipcap.eval.use_gpu", "no"), ("execution.clipcap.eval.workers", 0),
 ]
 
 
@@ -124,7 +138,7 @@ def test_every_param_of_params_yaml_has_a_bad_value_in_the_table():
 
 
 FOLDER_PARAMS = ("ingest.src", "detector.weights", "features.source", "caption.model.init", "retrieval.model.init",
-                 "pretrain.model.init")
+                 "pretrain.model.init", "clipcap.model.init", "clipcap.model.clip")
 FILE_PARAMS = ("translate.overrides",)
 
 

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcn.data.eval_files import write_caption_predictions, write_caption_scores, write_retrieval_predictions
+from mmcn.data.eval_files import (feature_paths, write_caption_predictions, write_caption_scores, write_features,
+                                   write_retrieval_predictions)
 from mmcn.data.lmdb_store import LmdbStore
 from mmcn.eval.caption_metrics import METRICS, score_captions
-from mmcn.eval.retrieval_metrics import KS, gold_ranks, recalls_from_ranks, topk
+from mmcn.eval.retrieval_metrics import KS, gallery_notes, gold_ranks, recalls_from_ranks, topk
+from mmcn.logs import Progress
 from mmcn.text.segment import tokenize
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,39 @@ class EvalConfig:
             raise ValueError(f"length_penalty: must be a finite number, got {self.length_penalty!r}")
 
 
+@dataclass(frozen=True)
+class ClipCapEvalConfig:
+    """``clipcap.eval`` (+ ``execution.clipcap.eval``): ClipCap's decoding
+    (:class:`mmcn.models.clipcap.ClipCapDecoding`: beam | top_k | top_p) and how the actors run."""
+
+    batch_size: int = 32
+    workers: int = 1              # Ray Data model actors
+    use_gpu: bool = False         # one GPU per actor
+    tokenize: str = "char"        # char | jieba
+    decoding: str = "beam"        # beam (num_beams 1: greedy) | top_k | top_p
+    num_beams: int = 3
+    top_k: int = 10
+    top_p: float = 0.9
+    max_length: int = 30
+    length_penalty: float = 1.0
+    seed: int = 0                 # top_k / top_p: every image sampled from this seed
+
+    def __post_init__(self) -> None:
+        if self.tokenize not in ("char", "jieba"):
+            raise ValueError(f"tokenize: must be one of char, jieba, got {self.tokenize!r}")
+        for name in ("batch_size", "workers"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        self.decoding_settings()  # its own checks
+
+    def decoding_settings(self):
+        from dataclasses import fields
+
+        from mmcn.models.clipcap import ClipCapDecoding
+
+        return ClipCapDecoding(**{f.name: getattr(self, f.name) for f in fields(ClipCapDecoding)})
+
+
 class ModelActor:
     """A Ray Data actor holding one model (:mod:`mmcn.models.inference`) and the store; ``mode`` picks the job."""
 
@@ -68,9 +103,19 @@ class ModelActor:
         from mmcn.models.inference import CaptionGenerator, Decoding, RetrievalEncoder
         from mmcn.models.runtime import pick_device
 
-        self.cfg, self.mode = EvalConfig(**cfg), mode
+        self.cfg, self.mode = (ClipCapEvalConfig if mode == "clipcap" else EvalConfig)(**cfg), mode
         device = pick_device("auto" if self.cfg.use_gpu else "cpu")
-        if mode == "caption":
+        if mode == "embed" and is_clip(model_dir):  # Chinese-CLIP on the stored image bytes
+            from mmcn.data.datasets import ClipDataset
+            from mmcn.models.clip import ClipEncoder
+
+            self.data, self.encoder = ClipDataset(store_path), ClipEncoder.from_dir(model_dir, device)
+        elif mode == "clipcap":  # ClipCap: its CLIP on the stored image bytes (no region features)
+            from mmcn.models.clipcap import ClipCapGenerator
+
+            self.data = LmdbStore(Path(store_path))
+            self.generator = ClipCapGenerator.from_dir(model_dir, self.cfg.decoding_settings(), device)
+        elif mode == "caption":
             self.data = CaptionDataset(store_path, per_image=True)
             self.generator = CaptionGenerator.from_dir(model_dir, Decoding.of(self.cfg), device)
         else:
@@ -82,6 +127,11 @@ class ModelActor:
 
     def caption(self, batch: dict) -> dict:
         captions, scores = self.generator([self.data[int(i)] for i in batch["index"]])
+        return {"index": batch["index"], "caption": np.array(captions, dtype=object),
+                "score": np.array(scores, dtype=np.float32)}
+
+    def clipcap(self, batch: dict) -> dict:
+        captions, scores = self.generator([self.data.get(int(i), ("image",)).image for i in batch["index"]])
         return {"index": batch["index"], "caption": np.array(captions, dtype=object),
                 "score": np.array(scores, dtype=np.float32)}
 
@@ -101,6 +151,12 @@ class ModelActor:
         return {"text": batch["text"], "image": batch["image"], "score": self.encoder.match(items)}
 
 
+def is_clip(model_dir: Path | str) -> bool:
+    """A Chinese-CLIP folder (task clip), by its config's model_type."""
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "chinese_clip"
+
+
 def _pool(model_dir: Path, store_path: Path, cfg: EvalConfig, mode: str, ds):
     """The Ray dataset ``ds`` mapped through a pool of ``cfg.workers`` :class:`ModelActor`
     (``cfg.batch_size`` rows per call)."""
@@ -118,7 +174,11 @@ def _run(model_dir: Path, store_path: Path, cfg: EvalConfig, mode: str, rows: li
     import ray
 
     key = "index" if "index" in rows[0] else None
-    out = _pool(model_dir, store_path, cfg, mode, ray.data.from_items(rows)).take_all()
+    out = []
+    with Progress(len(rows), f"{mode} {store_path.name}", "item", log, warmup=True) as bar:  # rate: from the 1st
+        for row in _pool(model_dir, store_path, cfg, mode, ray.data.from_items(rows)).iter_rows():
+            out.append(row)
+            bar.update()
     if key:
         out.sort(key=lambda r: r[key])
     return out
@@ -130,17 +190,46 @@ def most_frequent_caption(store: LmdbStore) -> str:
     return store.text_str(counts.most_common(1)[0][0])
 
 
-def evaluate_captions(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalConfig = EvalConfig(),
-                      split: str = "test") -> dict:
+def caption_warnings(captions: dict[int, str]) -> list[str]:
+    """What a caption model's output says about the model itself: more than half of the
+    captions empty, or one caption for more than half of the images (it ignores them)."""
+    n = len(captions)
+    empty = sum(1 for c in captions.values() if not c.strip())
+    out = []
+    if empty * 2 > n:
+        out.append(f"{empty} of {n} generated captions are empty: the model has learnt (almost) nothing to say; look "
+                   "at its training loss (metrics/train_caption.json), train longer or on more captions")
+    same = Counter(c for c in captions.values() if c.strip()).most_common(1)
+    if same and same[0][1] * 2 > n:
+        out.append(f"one caption, {same[0][0]!r}, was generated for {same[0][1]} of {n} images: the model ignores the "
+                   "images (it learnt the most likely caption only); train longer or on more captions, and check "
+                   "that the region features differ between images")
+    return out
+
+
+def evaluate_clipcap(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: ClipCapEvalConfig = ClipCapEvalConfig(),
+                     split: str = "test") -> dict:
+    """A ClipCap model's captions of ``split`` (its CLIP on the stored image bytes), scored and
+    written as :func:`evaluate_captions` does for the Oscar-style model (same metric keys)."""
+    return evaluate_captions(model_dir, lmdb_dir, out_dir, cfg, split)
+
+
+def evaluate_captions(model_dir: Path, lmdb_dir: Path, out_dir: Path,
+                      cfg: EvalConfig | ClipCapEvalConfig = EvalConfig(), split: str = "test") -> dict:
     """Caption every image of ``split``, score against its references; writes
-    ``predictions.jsonl`` and ``per_image.jsonl`` into ``out_dir``; returns the metrics."""
+    ``predictions.jsonl`` and ``per_image.jsonl`` into ``out_dir``; returns the metrics, with
+    ``warnings`` (:func:`caption_warnings`) and the references' ``oov_*`` rate under the
+    model's tokenizer (:func:`mmcn.models.tokenizer.oov`)."""
+    from mmcn.models.tokenizer import load_tokenizer, oov
     from mmcn.models.inference import Decoding
 
-    Decoding.of(cfg)  # a bad caption.eval.decoding fails here, not in the actors
+    mode = "clipcap" if isinstance(cfg, ClipCapEvalConfig) else "caption"
+    if mode == "caption":
+        Decoding.of(cfg)  # a bad caption.eval.decoding fails here, not in the actors
     start = time.perf_counter()
     model_dir, store_path, out_dir = Path(model_dir).resolve(), Path(lmdb_dir).resolve() / split, Path(out_dir)
     store = LmdbStore(store_path)
-    rows = _run(model_dir, store_path, cfg, "caption", [{"index": i} for i in range(len(store))])
+    rows = _run(model_dir, store_path, cfg, mode, [{"index": i} for i in range(len(store))])
     captions = {int(store.image_ids[r["index"]]): str(r["caption"]) for r in rows}
     refs: dict[int, list[str]] = {int(i): [] for i in store.image_ids}
     for text_pos, image_pos in store.pair_positions.tolist():
@@ -158,15 +247,21 @@ def evaluate_captions(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalC
     write_caption_scores(out_dir / "per_image.jsonl", (
         {"image_id": i, "caption": captions[i], "references": refs[i],
          **{k: round(float(v), 6) for k, v in per_image.get(i, {}).items() if k != "image_id"}} for i in refs))
+    warnings = caption_warnings(captions)
+    unknown = oov(load_tokenizer(model_dir), [c for i in scored for c in refs[i]])
     metrics = {**{k: round(scores.corpus[k], 6) for k in METRICS},
                "baseline_most_frequent_caption": {**{k: round(baseline.corpus[k], 6) for k in METRICS},
                                                   "caption": baseline_caption},
                "n_images": len(scored), "n_without_references": len(refs) - len(scored), "split": split,
                "tokenize": cfg.tokenize, "num_beams": cfg.num_beams, "decoding": cfg.decoding,
-               "seconds": round(time.perf_counter() - start, 1)}
+               **unknown.metrics(), "warnings": warnings, "seconds": round(time.perf_counter() - start, 1)}
     log.info("captions of %d %s images: CIDEr %.3f BLEU-4 %.3f (baseline CIDEr %.3f) in %.0fs", len(scored), split,
              metrics["CIDEr"], metrics["Bleu_4"], metrics["baseline_most_frequent_caption"]["CIDEr"],
              metrics["seconds"])
+    (log.warning if unknown.unknown else log.info)("%s", unknown.describe(f"{split} references under the model's "
+                                                                         "tokenizer"))
+    for warning in warnings:
+        log.warning("%s", warning)
     return metrics
 
 
@@ -189,11 +284,17 @@ def evaluate_retrieval(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: Eval
     A model with a dual encoder ranks by its embeddings' cosines (its matcher re-ranks each
     query's top ``cfg.rerank_k``); one without (an Oscar retrieval checkpoint) ranks by its
     matcher's log P(match) of every (text, image) pair, and ``rerank_k`` does not apply.
-    The metrics' ``ranker`` says which: dual_encoder | dual_encoder+rerank | cross_encoder."""
+    The metrics' ``ranker`` says which: dual_encoder | dual_encoder+rerank | cross_encoder;
+    ``gallery_images`` / ``gallery_texts`` and ``notes`` the gallery's size and the R@k it
+    makes trivial; ``oov_*`` the queries' share of [UNK] tokens under the model's tokenizer."""
+    from mmcn.models.tokenizer import load_tokenizer, oov
+
     start = time.perf_counter()
     model_dir, store_path, out_dir = Path(model_dir).resolve(), Path(lmdb_dir).resolve() / split, Path(out_dir)
     config = json.loads((model_dir / "config.json").read_text())
     dual = config.get("dual_encoder", True)
+    if is_clip(model_dir) and cfg.rerank_k:
+        raise ValueError(f"{model_dir} is a Chinese-CLIP model: it has no cross-encoder to re-rank with; set rerank_k 0")
     if dual and cfg.rerank_k and not config.get("match_weight", 1.0):
         raise ValueError(f"{model_dir} was trained without its cross-encoder matcher (match_weight 0), so it cannot "
                          "re-rank: set rerank_k to 0, or train with match_weight > 0")
@@ -208,6 +309,10 @@ def evaluate_retrieval(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: Eval
         text_emb = np.stack([r["embedding"] for r in rows[:n_texts]])[::-1]
         image_emb = np.stack([r["embedding"] for r in rows[n_texts:]])
         scores = text_emb @ image_emb.T                      # (texts, images) cosine similarities
+        out_dir.mkdir(parents=True, exist_ok=True)
+        image_file, text_file = feature_paths(out_dir, split)  # Chinese-CLIP's extract_features.py output
+        write_features(image_file, "image_id", store.image_ids, image_emb)
+        write_features(text_file, "text_id", store.text_ids, text_emb)
         results["dual"] = _recalls(scores, scores.T, text_gold, image_gold, queries)
         t2i_scores, i2t_scores = scores, scores.T
         if cfg.rerank_k:
@@ -231,16 +336,41 @@ def evaluate_retrieval(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: Eval
         int(store.image_ids[i]): [int(store.text_ids[t]) for t in top_i2t[i]] for i in queries})
     chance_t2i = chance_recall(n_images, [len(g) for g in text_gold if g])
     chance_i2t = chance_recall(n_texts, [len(image_gold[i]) for i in queries])
+    unknown = oov(load_tokenizer(model_dir), [store.text_str(t) for t in range(n_texts)])
+    notes = ([f"t2i: {n}" for n in gallery_notes(n_images, "images")] +
+             [f"i2t: {n}" for n in gallery_notes(n_texts, "texts")])
     metrics = {**final, "ranker": ranker, **({"dual_encoder": results["dual"]} if dual else {}),
                **({"reranked": results["rerank"]} if "rerank" in results else {}),
                "baseline_chance": {"t2i": chance_t2i, "i2t": chance_i2t,
                                    "mean_recall": (chance_t2i["mean_recall"] + chance_i2t["mean_recall"]) / 2},
-               "n_texts": n_texts, "n_images": n_images, "rerank_k": cfg.rerank_k if dual else 0, **extra,
+               "n_texts": n_texts, "n_images": n_images, "gallery_images": n_images, "gallery_texts": n_texts,
+               "notes": notes, **unknown.metrics(), "rerank_k": cfg.rerank_k if dual else 0, **extra,
                "split": split, "seconds": round(time.perf_counter() - start, 1)}
     log.info("retrieval on %s (%d texts x %d images) ranked by the %s: mean recall %.2f%s (chance %.2f) in %.0fs",
              split, n_texts, n_images, ranker.replace("_", " "), final["mean_recall"],
              f" (dual encoder alone {results['dual']['mean_recall']:.2f})" if "rerank" in results else "",
              metrics["baseline_chance"]["mean_recall"], metrics["seconds"])
+    (log.warning if unknown.unknown else log.info)("%s", unknown.describe(f"{split} queries under the model's "
+                                                                         "tokenizer"))
+    for note in notes:
+        log.warning("%s", note)
+    return metrics
+
+
+def evaluate_clip(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalConfig = EvalConfig(),
+                  init: Path | None = None, split: str = "test") -> dict:
+    """A Chinese-CLIP model's retrieval metrics (:func:`evaluate_retrieval`: recall both ways,
+    prediction and feature files in ``out_dir``) and, when it was fine-tuned from ``init``,
+    the zero-shot metrics of ``init`` itself under ``zero_shot`` (its files in ``out_dir/zero_shot``)."""
+    from dataclasses import replace
+
+    cfg = replace(cfg, rerank_k=0)
+    metrics = evaluate_retrieval(model_dir, lmdb_dir, out_dir, cfg, split)
+    if init is not None:
+        zero = evaluate_retrieval(init, lmdb_dir, Path(out_dir) / "zero_shot", cfg, split)
+        metrics["zero_shot"] = {k: zero[k] for k in ("t2i", "i2t", "mean_recall")}
+        log.info("Chinese-CLIP zero-shot (%s): mean recall %.2f; fine-tuned: %.2f", init, zero["mean_recall"],
+                 metrics["mean_recall"])
     return metrics
 
 
@@ -256,9 +386,8 @@ def _match_all(model_dir: Path, store_path: Path, cfg: EvalConfig, n_texts: int,
     """The cross-encoder's log P(match) of every (text, image) pair of the split on the actor
     pool, ``cfg.batch_size`` pairs per call: a (texts, images) matrix, and the seconds it took.
     Pairs are made from their numbers inside Ray Data (no list of them on the driver); the
-    progress (counts, rate, ETA) goes to a bar on a terminal and to the log every tenth."""
+    progress (counts, rate, ETA) goes to a bar on a terminal and to the log (:class:`mmcn.logs.Progress`)."""
     import ray
-    from tqdm import tqdm
 
     n = n_texts * n_images
     if not n:
@@ -269,21 +398,13 @@ def _match_all(model_dir: Path, store_path: Path, cfg: EvalConfig, n_texts: int,
                                                                       batch_format="numpy")
     log.info("cross-encoder: scoring %d texts x %d images = %d pairs, %d per call, on %d actor(s)", n_texts, n_images,
              n, cfg.batch_size, cfg.workers)
-    start, done, tenth, first = time.perf_counter(), 0, 1, None  # first results: the rate leaves start-up out
-    with tqdm(total=n, desc="cross-encoder", unit="pair", disable=None, mininterval=1.0) as bar:
+    start, done = time.perf_counter(), 0
+    with Progress(n, "cross-encoder", "pair", log, warmup=True) as bar:  # the rate leaves the actors' start-up out
         for batch in _pool(model_dir, store_path, cfg, "match", pairs).iter_batches(batch_size=None,
                                                                                      batch_format="numpy"):
             scores[batch["text"], batch["image"]] = batch["score"]
-            done += len(batch["score"])
             bar.update(len(batch["score"]))
-            now = time.perf_counter()
-            if first is None:
-                first = (now, done)
-            if done * 10 >= tenth * n:
-                tenth = done * 10 // n + 1
-                rate = (done - first[1]) / (now - first[0]) if done > first[1] else done / max(now - start, 1e-9)
-                log.info("cross-encoder: %d/%d pairs (%.0f%%) in %.0fs, %.0f pairs/s, ETA %.0fs", done, n,
-                         100 * done / n, now - start, rate, (n - done) / rate)
+            done += len(batch["score"])
     seconds = time.perf_counter() - start
     missing = int(np.isnan(scores).sum())
     if done != n or missing:
