@@ -290,22 +290,48 @@ def _report_skipped(skipped) -> None:
         print(f"skipped {s.source}: {s.reason}", file=sys.stderr)
 
 
+def _clipcap_decoding(args: argparse.Namespace):
+    """ClipCap's decoding for `caption --model models/clipcap`: ``clipcap.eval`` of ``--params``,
+    or of ./params.yaml when there is one, else the library's; ``--num-beams`` wins (beam search)."""
+    import yaml
+
+    from mmcn.models.clipcap import ClipCapDecoding
+    from mmcn.settings import build
+
+    if getattr(args, "decoding", None):
+        raise ValueError(f"--decoding {args.decoding}: a choice of the Oscar-style caption model; {args.model} is a "
+                         "ClipCap model, decoded as clipcap.eval.decoding says (beam | top_k | top_p)")
+    path = Path(args.params) if args.params is not None else PARAMS_FILE
+    if args.params is not None and not path.is_file():
+        raise FileNotFoundError(f"--params {args.params}: no such file")
+    params = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+    evals = (params.get("clipcap") or {}).get("eval") or {}
+    names = {f.name for f in dataclasses.fields(ClipCapDecoding)}
+    decoding = build(ClipCapDecoding, ("clipcap.eval", {k: v for k, v in evals.items() if k in names}), where=str(path))
+    if getattr(args, "num_beams", None):
+        decoding = dataclasses.replace(decoding, decoding="beam", num_beams=args.num_beams)
+    return decoding
+
+
 def _cmd_caption(args: argparse.Namespace) -> int:
-    from mmcn.infer import Captioner, expand_images
+    from mmcn.infer import Captioner, ClipCapCaptioner, expand_images
+    from mmcn.models.clipcap import is_clipcap_dir
 
     paths, missing = expand_images(args.images)
     _report_skipped(missing)
     if not paths:
         print("error: no images to caption", file=sys.stderr)
         return 2
+    clipcap = is_clipcap_dir(args.model)  # ClipCap: its own CLIP reads the pixels (no detector, no chain)
     try:
-        chain, decoding = _chain_settings(args)
+        chain, decoding = (None, _clipcap_decoding(args)) if clipcap else _chain_settings(args)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _quiet_loading()
     try:
-        captioner = Captioner.from_dir(args.model, args.detector, chain, decoding, args.device, args.batch_size)
+        captioner = ClipCapCaptioner.from_dir(args.model, decoding, args.device, args.batch_size) if clipcap else \
+            Captioner.from_dir(args.model, args.detector, chain, decoding, args.device, args.batch_size)
     except (OSError, ValueError) as e:
         print(f"error: {e} (run `dvc repro` first, or point --model/--detector at trained models)", file=sys.stderr)
         return 2
@@ -592,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
             "evaluated on), so the chain matches the pipeline that trained the model; decoding follows "
             "caption.eval of ./params.yaml when there is one."))
     p.add_argument("images", nargs="+", help="image files, directories (searched recursively) or glob patterns")
-    p.add_argument("--model", type=Path, default=Path("models/caption"), help="caption model folder")
+    p.add_argument("--model", type=Path, default=Path("models/caption"),
+                   help="caption model folder (models/clipcap: ClipCap, no detector; decoding from clipcap.eval)")
     p.add_argument("--json", action="store_true", help="one JSON object per line: image, caption, score, tags")
     p.add_argument("--num-beams", type=int, default=None, help="beam size (default: caption.eval.num_beams)")
     p.add_argument("--decoding", choices=("mmcn", "oscar"), default=None,

@@ -226,6 +226,59 @@ class Captioner:
         return [r.caption for r in results]
 
 
+class ClipCapCaptioner:
+    """Raw images -> Chinese captions with a ClipCap model (:mod:`mmcn.models.clipcap`): its own
+    CLIP reads the pixels, so no detector, tags or region features are involved.
+
+    >>> ClipCapCaptioner.from_dir("models/clipcap")(["photo.jpg"])
+    ['画面中间有一个红色的圆形']
+    """
+
+    def __init__(self, generator, batch_size: int = 16):
+        self.generator, self.batch_size = generator, batch_size
+
+    @classmethod
+    def from_dir(cls, model_dir: Path | str = "models/clipcap", decoding=None, device: str = "auto",
+                 batch_size: int = 16) -> "ClipCapCaptioner":
+        """``decoding``: a :class:`mmcn.models.clipcap.ClipCapDecoding` (None: its defaults)."""
+        from mmcn.models.clipcap import ClipCapDecoding, ClipCapGenerator
+
+        return cls(ClipCapGenerator.from_dir(model_dir, decoding or ClipCapDecoding(), pick_device(device)),
+                   batch_size)
+
+    def caption(self, images: Sequence[ImageInput]) -> list[Caption]:
+        """One :class:`Caption` per input, in order; unreadable images have ``error`` set."""
+        from mmcn.data.image import decode_rgb
+
+        results: list[Caption] = []
+        for first in range(0, len(images), self.batch_size):
+            batch, names, good = images[first:first + self.batch_size], [], []
+            out: list[Caption | None] = []
+            for k, image in enumerate(batch):
+                name = f"<bytes #{first + k}>" if isinstance(image, bytes) else str(image)
+                try:
+                    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+                    decode_rgb(data)  # ImageError (a ValueError) says what is wrong with the file
+                except (OSError, ValueError) as e:
+                    out.append(Caption(name, error=str(e)))
+                    continue
+                out.append(None)
+                names.append(name)
+                good.append(data)
+            captions, scores = self.generator(good) if good else ([], [])
+            done = iter(zip(names, captions, scores))
+            results += [r if r is not None else Caption(*next(done)) for r in out]
+        return results
+
+    def __call__(self, images: Sequence[ImageInput]) -> list[str]:
+        """Captions of ``images``; a bad image raises ValueError naming it (see :meth:`caption`)."""
+        results = self.caption(images)
+        bad = [f"{r.source}: {r.error}" for r in results if r.error]
+        if bad:
+            raise ValueError("cannot caption " + "; ".join(bad))
+        return [r.caption for r in results]
+
+
 @dataclass
 class Hit:
     rank: int
@@ -345,9 +398,23 @@ class Searcher:
         return data.num_images
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
-        """The ``k`` best images for ``query``, best first (ties: the earlier indexed first)."""
+        """The ``k`` best images for ``query``, best first (ties: the earlier indexed first).
+        Characters of the query outside the model's vocabulary ([UNK] tokens) are named in a
+        warning; a query with no known token at all is a ValueError (its ranking would be
+        that of an empty query)."""
+        from mmcn.models.tokenizer import oov
+
         if not self.names:
             raise ValueError("no images indexed: call index_images or index_lmdb first")
+        unknown = oov(self.encoder.tok, [query])
+        if unknown.unknown == unknown.tokens:
+            raise ValueError(f"query {query!r}: " + (
+                f"none of its characters is in the model's vocabulary ({unknown.top()}): every token is [UNK], so "
+                "any ranking would be noise; ask with words the training captions use" if unknown.tokens
+                else "nothing to search for"))
+        if unknown.unknown:
+            log.warning("query %r: %d of its %d tokens are not in the model's vocabulary and read as [UNK]: %s",
+                        query, unknown.unknown, unknown.tokens, unknown.top())
         if self.encoder.dual_encoder:
             scores = self.embeddings @ self.encoder.texts([query])[0]
         else:  # the matcher on (query, image) for every indexed image, batch_size pairs at a time

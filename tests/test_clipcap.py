@@ -249,3 +249,32 @@ def test_training_loop_and_evaluation_end_to_end(ray_session, clip_dir, tmp_path
     predicted = {int(r.image_id): r.caption for r in read_caption_predictions(tmp_path / "report" / "predictions.jsonl")}
     assert predicted == {int(i): c for i, c in zip(store.image_ids, captions)}
     assert len(read_caption_scores(tmp_path / "report" / "per_image.jsonl")) == 3
+
+
+def test_mmcn_caption_with_a_clipcap_folder_reads_raw_images(clip_dir, tokenizer, embeddings, tmp_path, monkeypatch,
+                                                             capsys):
+    """`mmcn caption --model <clipcap folder>`: no detector; decoding from clipcap.eval of
+    ./params.yaml; a bad file is skipped and named (exit 1)."""
+    from mmcn.cli import main
+
+    with pinned_numerics():
+        model = tiny(clip_dir, tokenizer)
+        batch = ClipCapCollator(tokenizer, 16)([{"embedding": e, "caption": c} for e, c in zip(embeddings, CAPTIONS)])
+        fit(model, batch, 60, 3e-3)
+    model.eval().save_pretrained(tmp_path / "clipcap")
+    tokenizer.save_pretrained(str(tmp_path / "clipcap"))
+    files = []
+    for k, colour in enumerate(COLOURS[:2]):
+        files.append(tmp_path / f"{k}.png")
+        files[-1].write_bytes(image(colour))
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    (tmp_path / "params.yaml").write_text("clipcap:\n  eval:\n    num_beams: 2\n    max_length: 12\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    expected, _ = ClipCapGenerator(model, tokenizer, ClipCapDecoding(num_beams=2, max_length=12))(
+        [f.read_bytes() for f in files])
+    code = main(["caption", "--model", str(tmp_path / "clipcap"), "--json", "--device", "cpu",
+                 *map(str, files), str(tmp_path / "bad.jpg")])
+    out = capsys.readouterr()
+    assert code == 1 and "bad.jpg" in out.err
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert [r["caption"] for r in rows] == expected and [r["image"] for r in rows] == list(map(str, files))

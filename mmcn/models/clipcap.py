@@ -258,6 +258,15 @@ class ClipCapModel(nn.Module):
         return model.eval()
 
 
+def is_clipcap_dir(path: Path | str) -> bool:
+    """A folder written by :meth:`ClipCapModel.save_pretrained` (config.json's model_type)."""
+    config = Path(path) / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == ClipCapConfig.model_type
+    except (OSError, ValueError):
+        return False
+
+
 def clip_info(clip_dir: Path | str) -> tuple[int, str]:
     """``(image embedding size, the model's own name)`` of a CLIP folder, from its config.json."""
     config = Path(clip_dir) / "config.json"
