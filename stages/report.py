@@ -4,11 +4,16 @@ from pathlib import Path
 
 from common import run, stage_params, start
 
-from mmcn.eval.report import ReportConfig, build_report
+from mmcn.data.manifest import manifest_path
+from mmcn.eval.report import ReportConfig, build_report, image_names
 from mmcn.settings import build
 
-METRICS = ("detector", "translate", "train_caption", "train_retrieval", "caption", "retrieval")
-PLOTS = ("detector_loss", "train_caption", "valid_caption", "train_retrieval", "valid_retrieval")
+METRICS = ("detector", "translate", "train_caption", "train_retrieval", "caption", "retrieval", "train_clipcap",
+           "clipcap")
+MANIFEST = manifest_path(Path("data/tsv"), "test")  # the test images' file names
+PLOTS = ("detector_loss", "train_caption", "valid_caption", "train_retrieval", "valid_retrieval", "train_clipcap",
+         "valid_clipcap")
+SIDE_CAPTIONS = {"ClipCap": Path("reports/clipcap/per_image.jsonl")}  # shown beside the Oscar-style caption
 
 
 def read_params() -> ReportConfig:
@@ -20,7 +25,7 @@ def main() -> None:
     cfg = read_params()
     build_report(Path("reports/index.html"), Path("data/lmdb/test"), Path("reports/caption"),
                  Path("reports/retrieval"), {name: Path(f"metrics/{name}.json") for name in METRICS},
-                 [Path(f"plots/{name}.csv") for name in PLOTS], cfg)
+                 [Path(f"plots/{name}.csv") for name in PLOTS], cfg, image_names(MANIFEST), SIDE_CAPTIONS)
 
 
 if __name__ == "__main__":

@@ -278,3 +278,42 @@ def test_mmcn_caption_with_a_clipcap_folder_reads_raw_images(clip_dir, tokenizer
     assert code == 1 and "bad.jpg" in out.err
     rows = [json.loads(line) for line in out.out.splitlines()]
     assert [r["caption"] for r in rows] == expected and [r["image"] for r in rows] == list(map(str, files))
+
+
+def test_report_compares_the_caption_families(tmp_path):
+    """The report's family table (Oscar-style vs ClipCap: CIDEr-D, BLEU-4, ROUGE-L, training
+    time) and each gallery image's ClipCap caption beside the Oscar-style one."""
+    import html
+
+    from test_lmdb import make_dataset
+
+    from mmcn.data.eval_files import write_caption_scores
+    from mmcn.data.lmdb_build import build_lmdb
+    from mmcn.data.lmdb_store import LmdbStore
+    from mmcn.eval.report import ReportConfig, build_report
+
+    d = make_dataset(tmp_path / "data", n_images=3, split="test")
+    build_lmdb(d["tsv"], tmp_path / "lmdb", d["features"], d["tags"])
+    ids = [int(i) for i in LmdbStore(tmp_path / "lmdb" / "test").image_ids]
+    for task, caption, cider in (("caption", "区域模型的描述", 0.25), ("clipcap", "前缀模型的描述", 0.75)):
+        (tmp_path / "reports" / task).mkdir(parents=True)
+        write_caption_scores(tmp_path / "reports" / task / "per_image.jsonl", (
+            {"image_id": i, "caption": f"{caption}{k}", "references": ["参考"], "CIDEr": cider + k, "Bleu_4": 0.1}
+            for k, i in enumerate(ids)))
+        (tmp_path / f"{task}.json").write_text(json.dumps({"CIDEr": cider, "Bleu_4": 0.5, "ROUGE_L": 0.625,
+                                                           "n_images": 3}))
+        (tmp_path / f"train_{task}.json").write_text(json.dumps({"seconds": 60.0 if task == "caption" else 42.4}))
+    metrics = {name: tmp_path / f"{name}.json" for name in ("caption", "clipcap", "train_caption", "train_clipcap")}
+    counts = build_report(tmp_path / "index.html", tmp_path / "lmdb" / "test", tmp_path / "reports" / "caption", None,
+                          metrics, [], ReportConfig(), None, {"ClipCap": tmp_path / "reports" / "clipcap" /
+                                                              "per_image.jsonl"})
+    page = html.unescape((tmp_path / "index.html").read_text(encoding="utf-8"))
+    assert counts["caption_images"] == 3
+    table = page[page.index('<section id="families">'):page.index("</section>", page.index('id="families"'))]
+    assert "<th>CIDEr-D</th><th>BLEU-4</th><th>ROUGE-L</th>" in table and "METEOR" not in table  # none has METEOR
+    assert "<td>caption</td><td>0.250</td><td>0.500</td><td>0.625</td><td>3</td><td>60</td>" in table
+    assert "<td>clipcap</td><td>0.750</td><td>0.500</td><td>0.625</td><td>3</td><td>42</td>" in table
+    for k in range(3):  # each card: the Oscar-style caption, then ClipCap's with its own CIDEr-D
+        card = page[page.index(f"区域模型的描述{k}"):]
+        assert card.index(f"前缀模型的描述{k}") < card.index("</article>")
+        assert f"ClipCap</b> 前缀模型的描述{k} <span class=\"scores\">CIDEr-D {0.75 + k:.3f}" in card

@@ -4,7 +4,8 @@ One file, no network assets: images are embedded as data URIs (downscaled thumbn
 detected boxes drawn as SVG over them with their Chinese tags and confidences, the
 generated caption next to the references with per-image scores (worst CIDEr first, re-
 sortable in the page), retrieval examples (a text query and its top images, hits marked),
-the metrics table and the training curves (PNG images drawn with matplotlib).
+the metrics table and the training curves (PNG images drawn with matplotlib). Images are
+labelled by their source file names (from ingest's manifest) when given, else by id.
 """
 from __future__ import annotations
 
@@ -67,11 +68,26 @@ def _png_uri(fig) -> str:
     return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
-def _figure(store: LmdbStore, index: int, cfg: ReportConfig, boxes: bool = True, css: str = "shot") -> str:
+def image_names(manifest: Path) -> dict[int, str]:
+    """Image id -> source file (as ingest found it, relative to the split's images/) from a
+    ``{split}_manifest.jsonl``: the names the report shows instead of 48-bit ids."""
+    from mmcn.data.manifest import read_manifest
+
+    return {e.image_id: e.source for e in read_manifest(Path(manifest))}
+
+
+def _label(image_id: int, names: dict[int, str]) -> str:
+    return names.get(int(image_id)) or f"image {image_id}"
+
+
+def _figure(store: LmdbStore, index: int, cfg: ReportConfig, boxes: bool = True, css: str = "shot",
+            names: dict[int, str] | None = None) -> str:
     """An image with its boxes (SVG in image pixels over the picture) and, below, its tags."""
     e = html.escape
     rec = store.get(index, ("image", "regions"))
-    out = [f'<div class="{css}"><img src="{_data_uri(rec.image, cfg.thumb_side)}" alt="image {rec.image_id}">']
+    label = e(_label(rec.image_id, names or {}))
+    out = [f'<div class="{css}"><img src="{_data_uri(rec.image, cfg.thumb_side)}" alt="{label}" '
+           f'title="{label} (id {rec.image_id})">']
     if boxes and rec.boxes is not None and rec.width:
         n = min(cfg.max_boxes, len(rec.boxes))
         out.append(f'<svg viewBox="0 0 {rec.width} {rec.height}" preserveAspectRatio="none">')
@@ -93,7 +109,10 @@ def _figure(store: LmdbStore, index: int, cfg: ReportConfig, boxes: bool = True,
     return "".join(out)
 
 
-def _caption_section(store: LmdbStore, per_image: Path, cfg: ReportConfig) -> tuple[str, int]:
+def _caption_section(store: LmdbStore, per_image: Path, cfg: ReportConfig, names: dict[int, str],
+                     others: dict[str, dict[int, dict]] | None = None) -> tuple[str, int]:
+    """The caption gallery; ``others``: another family's per-image rows by label (ClipCap's),
+    shown under each image's caption (side by side on the same image)."""
     e = html.escape
     rows = sorted(read_caption_scores(per_image), key=lambda r: (r.get("CIDEr", 0.0), str(r["image_id"])))
     rows = [r for r in rows if r.get("references")][: cfg.max_images]
@@ -104,8 +123,8 @@ def _caption_section(store: LmdbStore, per_image: Path, cfg: ReportConfig) -> tu
         refs = "".join(f"<li>{e(c)}</li>" for c in r["references"])
         cards.append(
             f'<article class="card" data-cider="{r.get("CIDEr", 0.0)}" data-bleu4="{r.get("Bleu_4", 0.0)}" '
-            f'data-order="{rank}" data-id="{e(str(r["image_id"]))}">{_figure(store, index, cfg)}'
-            f'<p class="pred">{e(r["caption"]) or "<i>(empty)</i>"}</p><p class="scores">{scores}</p>'
+            f'data-order="{rank}" data-id="{e(str(r["image_id"]))}">{_figure(store, index, cfg, names=names)}'
+            f'<p class="file">{e(_label(r["image_id"], names))}</p><p class="pred">{e(r["caption"]) or "<i>(empty)</i>"}</p><p class="scores">{scores}</p>{_other_captions(int(r["image_id"]), others)}'
             f'<details><summary>{len(r["references"])} references · image {e(str(r["image_id"]))}</summary>'
             f"<ul>{refs}</ul></details></article>")
     controls = ('<p>Sort: <select id="sort"><option value="cider-asc">CIDEr, worst first</option>'
@@ -116,7 +135,43 @@ def _caption_section(store: LmdbStore, per_image: Path, cfg: ReportConfig) -> tu
     return body, len(rows)
 
 
-def _retrieval_section(store: LmdbStore, t2i: Path, cfg: ReportConfig) -> tuple[str, int]:
+def _other_captions(image_id: int, others: dict[str, dict[int, dict]] | None) -> str:
+    e = html.escape
+    return "".join(f'<p class="alt"><b>{e(label)}</b> {e(rows[image_id]["caption"]) or "<i>(empty)</i>"} '
+                   f'<span class="scores">CIDEr-D {rows[image_id].get("CIDEr", 0.0):.3f}</span></p>'
+                   for label, rows in (others or {}).items() if image_id in rows)
+
+
+CAPTION_FAMILIES = (("caption", "Oscar-style: region features + Chinese tags"),
+                    ("clipcap", "ClipCap: CLIP image embedding → GPT-2 prefix"))
+FAMILY_COLUMNS = (("CIDEr", "CIDEr-D"), ("Bleu_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"))
+
+
+def _family_section(metrics: dict[str, Path]) -> str:
+    """Captioning families side by side: the same test split, the same metric code
+    (metrics/{task}.json), and each one's training time (metrics/train_{task}.json)."""
+    e = html.escape
+    found = {task: json.loads(Path(metrics[task]).read_text(encoding="utf-8")) for task, _ in CAPTION_FAMILIES
+             if task in metrics and Path(metrics[task]).is_file()}
+    if not found:
+        return ""
+    columns = [(k, name) for k, name in FAMILY_COLUMNS if any(k in m for m in found.values())]
+    head = "".join(f"<th>{name}</th>" for _, name in columns)
+    rows = []
+    for task, label in CAPTION_FAMILIES:
+        if task not in found:
+            continue
+        train = metrics.get(f"train_{task}")
+        seconds = json.loads(Path(train).read_text(encoding="utf-8")).get("seconds") \
+            if train and Path(train).is_file() else None
+        cells = "".join(f"<td>{found[task][k]:.3f}</td>" if k in found[task] else "<td>–</td>" for k, _ in columns)
+        rows.append(f"<tr><td>{e(label)}</td><td>{e(task)}</td>{cells}<td>{found[task].get('n_images', '–')}</td>"
+                    f"<td>{'–' if seconds is None else f'{seconds:.0f}'}</td></tr>")
+    return (f'<section id="families"><h2>Model families: captioning</h2><table class="metrics"><tr><th>family</th>'
+            f'<th>task</th>{head}<th>images</th><th>training s</th></tr>{"".join(rows)}</table></section>')
+
+
+def _retrieval_section(store: LmdbStore, t2i: Path, cfg: ReportConfig, names: dict[int, str]) -> tuple[str, int]:
     e = html.escape
     preds = read_retrieval_predictions(t2i, "t2i", k=min(TOP_K, len(store)))  # fewer when the split is small
     queries = list(preds.values())[: cfg.queries]
@@ -128,8 +183,9 @@ def _retrieval_section(store: LmdbStore, t2i: Path, cfg: ReportConfig) -> tuple[
         first_hit = next((k + 1 for k, i in enumerate(p.ranked_ids) if i in gold), None)
         shots = "".join(
             f'<figure class="{"hit" if i in gold else "miss"}">'
-            f'{_figure(store, store.index_of(i), cfg, boxes=False, css="thumb")}'
-            f'<figcaption>#{k + 1} {"✓" if i in gold else "✗"}</figcaption></figure>' for k, i in enumerate(ranked))
+            f'{_figure(store, store.index_of(i), cfg, boxes=False, css="thumb", names=names)}'
+            f'<figcaption>#{k + 1} {"✓" if i in gold else "✗"} <span class="file">{e(_label(i, names))}</span>'
+            f'</figcaption></figure>' for k, i in enumerate(ranked))
         verdict = f"first hit at rank {first_hit}" if first_hit else "no hit in the top 10"
         blocks.append(f'<div class="query"><p><b>{e(text.text)}</b> <span class="scores">{verdict}</span></p>'
                       f'<div class="row">{shots}</div></div>')
@@ -204,7 +260,8 @@ ol.tags{font-size:12px;padding-left:1.5em;margin:4px 0} ol.tags li{border-left:4
 .pred{font-size:16px;font-weight:bold;margin:6px 0} .row{display:flex;gap:6px}
 .thumb img{width:96px;display:block} figure{margin:0;border:3px solid #ccc;border-radius:4px}
 figure.hit{border-color:#2a2} figure.miss{border-color:#ddd} figcaption{font-size:12px;text-align:center}
-.query{margin-bottom:12px}
+.query{margin-bottom:12px} .alt{font-size:14px;margin:4px 0;color:#235} .file{font-size:12px;color:#444;margin:2px 0;overflow-wrap:anywhere}
+figure .file{display:block;max-width:96px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 """
 
 SCRIPT = """
@@ -223,22 +280,31 @@ document.getElementById('sort').addEventListener('change', function (ev) {
 
 
 def build_report(out: Path, store_dir: Path, caption_dir: Path | None, retrieval_dir: Path | None,
-                 metrics: dict[str, Path], plots: list[Path], cfg: ReportConfig = ReportConfig()) -> dict:
+                 metrics: dict[str, Path], plots: list[Path], cfg: ReportConfig = ReportConfig(),
+                 names: dict[int, str] | None = None, side_captions: dict[str, Path] | None = None) -> dict:
     """Write the report to ``out`` (an .html file) from an LMDB split (``store_dir``), the
     evaluation outputs (``per_image.jsonl``, ``t2i_predictions.jsonl``), metrics JSON files
-    and plot CSVs; returns counts. Missing optional inputs leave their section out."""
+    and plot CSVs; returns counts. Missing optional inputs leave their section out.
+    ``names``: image id -> file name shown with each image (:func:`image_names`; else ids).
+    ``side_captions``: label -> another caption model's ``per_image.jsonl`` (ClipCap's), whose
+    caption each gallery image shows too; ``metrics`` keys ``caption``/``clipcap`` (and
+    ``train_*``) fill the family comparison table."""
     store = LmdbStore(Path(store_dir))
-    sections, counts = [_metrics_section(metrics), _curves_section(plots)], {}
-    for name, folder, file, section in (("caption_images", caption_dir, "per_image.jsonl", _caption_section),
+    sections, counts = [_family_section(metrics), _metrics_section(metrics), _curves_section(plots)], {}
+    others = {label: {int(r["image_id"]): r for r in read_caption_scores(Path(path))}
+              for label, path in (side_captions or {}).items() if Path(path).is_file()}
+    gallery = lambda *args: _caption_section(*args, others=others)  # noqa: E731
+    for name, folder, file, section in (("caption_images", caption_dir, "per_image.jsonl", gallery),
                                         ("retrieval_queries", retrieval_dir, "t2i_predictions.jsonl",
                                          _retrieval_section)):
         if folder and (Path(folder) / file).is_file():
-            body, counts[name] = section(store, Path(folder) / file, cfg)
+            body, counts[name] = section(store, Path(folder) / file, cfg, names or {})
             sections.append(body)
         elif folder:
             log.warning("report: no %s (run the evaluation stage first); that section is left out",
                         Path(folder) / file)
-    nav = "".join(f'<a href="#{k}">{k}</a>' for k in ("metrics", "curves", "captions", "retrieval"))
+    nav = "".join(f'<a href="#{k}">{k}</a>' for k in (("families",) if sections[0] else ()) + (
+        "metrics", "curves", "captions", "retrieval"))
     page = (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>mmcn report</title>'
             f'<style>{STYLE}</style></head><body><h1>mmcn report: {html.escape(store.path.name)} split</h1>'
             f'<nav>{nav}</nav>{"".join(sections)}<script>{SCRIPT if "caption_images" in counts else ""}</script>'
