@@ -39,6 +39,25 @@ def test_caption_metrics_match_the_scorer_on_the_written_files(ray_session, trai
     assert metrics["baseline_most_frequent_caption"]["caption"]
     assert all("CIDEr" in r and r["caption"] == next(p["caption"] for p in preds if p["image_id"] == r["image_id"])
                for r in rows)
+    # degenerate output is called out: > half empty, or one caption for > half of the images
+    captions = [p["caption"] for p in preds]
+    empty = sum(not c.strip() for c in captions)
+    top = max([captions.count(c) for c in captions if c.strip()], default=0)
+    assert any(" generated captions are empty" in w for w in metrics["warnings"]) == (empty * 2 > len(captions))
+    assert any(w.startswith("one caption, ") for w in metrics["warnings"]) == (top * 2 > len(captions))
+    # the references' characters the model's vocabulary lacks (demo captions: one token per character)
+    assert_oov(metrics, trained / "models/caption", [c for r in rows for c in r["references"]])
+
+
+def assert_oov(metrics: dict, model_dir, texts: list[str]) -> None:
+    from mmcn.models.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(model_dir).get_vocab()
+    chars = [ch for t in texts for ch in t if not ch.isspace()]
+    assert all("\u4e00" <= ch <= "\u9fff" or ch in "，。、：；" for ch in chars)  # BERT splits each one off
+    unknown = [ch for ch in chars if ch not in vocab]
+    assert (metrics["oov_unk_tokens"], metrics["oov_total_tokens"]) == (len(unknown), len(chars))
+    assert metrics["oov_rate"] == round(len(unknown) / len(chars), 6)
 
 
 def test_retrieval_metrics_match_chinese_clip_scoring_of_the_written_files(ray_session, trained, tmp_path):
@@ -56,6 +75,10 @@ def test_retrieval_metrics_match_chinese_clip_scoring_of_the_written_files(ray_s
         for k in ("r1", "r5"):
             assert metrics[direction][k] == pytest.approx(scored["scoreJson"][k], abs=1e-3)
     assert 0 <= metrics["mean_recall"] <= 100
+    # the gallery: 12 test images, over 10 texts: no R@k ranks all of either
+    assert (metrics["gallery_images"], metrics["gallery_texts"]) == (len(store), store.num_texts)
+    assert len(store) > 10 and store.num_texts > 10 and metrics["notes"] == []
+    assert_oov(metrics, trained / "models/retrieval", [t.text for t in store.texts()])
 
 
 def test_chance_recall():

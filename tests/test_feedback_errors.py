@@ -110,3 +110,23 @@ def test_report_thumbnails_are_upright_under_their_boxes(side):
         scale = img.height / DISPLAYED_H
         assert img.size == (round(DISPLAYED_W * scale), DISPLAYED_H * scale)
         assert_red_under_box(np.asarray(img.convert("RGB")), BOX, scale)
+
+
+# --- degenerate caption output, galleries under 10 ---------------------------------------
+
+def test_caption_warnings_fire_past_half_the_images():
+    from mmcn.eval.evaluate import caption_warnings
+
+    assert caption_warnings({1: "", 2: " ", 3: "一只猫"})[0].startswith("2 of 3 generated captions are empty")
+    assert caption_warnings({1: "", 2: "一只猫", 3: "一只狗", 4: ""}) == []  # half is not most
+    (same,) = caption_warnings({i: "一只猫" for i in range(3)} | {3: "狗", 4: ""})
+    assert same.startswith("one caption, '一只猫', was generated for 3 of 5 images")
+    assert len(caption_warnings({i: "" for i in range(4)})) == 1  # empty ones are not "one caption"
+
+
+def test_gallery_notes_name_each_trivial_recall():
+    from mmcn.eval.retrieval_metrics import gallery_notes
+
+    assert gallery_notes(11, "images") == []
+    assert gallery_notes(10, "images")[0].startswith("the gallery has 10 images: R@10 ranks all of them, so it is 100")
+    assert gallery_notes(3, "texts")[0].startswith("the gallery has 3 texts: R@5, R@10 rank all of them, so they are")

@@ -126,6 +126,28 @@ def test_search_ranks_raw_files_as_the_stored_features(chain_project, tmp_path, 
     assert [(int(h["image"]), h["score"]) for h in hits] == from_store[:3]
 
 
+def test_search_names_unknown_characters_and_refuses_a_query_of_only_them(chain_project, capsys, caplog):
+    import logging
+
+    from mmcn.models.tokenizer import load_tokenizer
+
+    model = chain_project / "models/retrieval"
+    vocab = load_tokenizer(model).get_vocab()
+    assert not {"猫", "狗", "鸟"} & set(vocab) and {"红", "色", "的"} <= set(vocab)  # the demo's captions: shapes
+    stored = Searcher.from_dir(model, None, device="cpu")
+    stored.index_lmdb(chain_project / "lmdb/test")
+    with caplog.at_level(logging.WARNING, logger="mmcn.infer"):
+        assert len(stored.search("红色的猫", k=3)) == 3
+    assert "query '红色的猫': 1 of its 4 tokens are not in the model's vocabulary and read as [UNK]: 猫×1" in caplog.text
+    with pytest.raises(ValueError, match=r"none of its characters is in the model's vocabulary \(猫×1 狗×1 鸟×1\)"):
+        stored.search("猫狗鸟")
+    capsys.readouterr()
+    assert main(["search", "猫狗鸟", "--lmdb", str(chain_project / "lmdb/test"), "--model", str(model),
+                 "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "error: query '猫狗鸟': none of its characters is in the model's vocabulary" in err
+
+
 def test_the_api_is_importable_from_the_package():
     assert mmcn.Captioner is Captioner and mmcn.Searcher is Searcher
 

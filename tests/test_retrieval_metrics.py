@@ -208,3 +208,54 @@ def test_cli_i2t_keys_and_bad_texts_file(tmp_path, capsys):
     tsv.write_texts(texts, TEXTS + [tsv.Text(100, "又一只猫", [5])])
     code, out, _ = run_cli(capsys, texts, preds)
     assert code == 1 and "valid_texts.jsonl: text_id 100 appears twice" in out["errorMsg"]
+
+
+# --- a gallery smaller than 10 (mmcn's rule: each query then ranks all of it) --------------
+
+SMALL = [tsv.Text(200 + t, f"图{t}", [1 + t % 8]) for t in range(8)] + [tsv.Text(300, "两张", [2, 5])]
+
+
+def test_a_gallery_under_10_accepts_the_pipelines_own_predictions_and_says_its_size(tmp_path, capsys):
+    from mmcn.data.eval_files import write_retrieval_predictions
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(len(SMALL), 8)).astype(np.float32)  # texts x the 8 test images (ids 1..8)
+    texts, preds = tmp_path / "test_texts.jsonl", tmp_path / "t2i_predictions.jsonl"
+    tsv.write_texts(texts, SMALL)
+    # as evaluate@retrieval writes it: min(10, gallery) ids per query
+    write_retrieval_predictions(preds, "t2i", {t.text_id: [1 + i for i in topk(scores, min(10, 8))[q]]
+                                               for q, t in enumerate(SMALL)})
+    code, out, _ = run_cli(capsys, texts, preds)
+    assert code == 0 and out["success"] is True, out
+    expected = reference_recall({t.text_id: t.image_ids for t in SMALL},
+                                {t.text_id: [1 + i for i in reference_topk(scores[q])] for q, t in enumerate(SMALL)})
+    assert out["scoreJson"] == {"score": expected["mean_recall"], **expected} and expected["r10"] == 100.0
+    assert out["gallery_images"] == 8
+    assert len(out["notes"]) == 1 and out["notes"][0].startswith("the gallery has 8 images: R@10 ranks all of them")
+    # i2t over 9 texts: R@10 ranks them all too; 9 ids per query accepted
+    lines = [{"image_id": i, "text_ids": [t.text_id for t in SMALL]} for i in range(1, 9)]
+    preds.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    code, out, _ = run_cli(capsys, texts, preds, "i2t")
+    assert code == 0 and out["gallery_texts"] == 9 and "R@10" in out["notes"][0], out
+
+
+def test_fewer_than_10_ids_are_refused_unless_they_rank_the_whole_gallery(tmp_path, capsys):
+    texts, preds = tmp_path / "test_texts.jsonl", tmp_path / "preds.jsonl"
+    tsv.write_texts(texts, SMALL)
+    eight = [{"text_id": t.text_id, "image_ids": list(range(1, 9))} for t in SMALL]
+    # five of the eight candidates: R@10 would count the three left out as misses
+    preds.write_text("".join(json.dumps({**x, "image_ids": x["image_ids"][:5]}) + "\n" for x in eight))
+    code, out, _ = run_cli(capsys, texts, preds)
+    assert code == 1 and ("preds.jsonl:1: text_id 200 has 5 image_ids; Chinese-CLIP's evaluation requires "
+                          "exactly 10 per query, and the gallery has at least 8 images") in out["errorMsg"]
+    assert "so 8 are needed (9 such lines" in out["errorMsg"]
+    # a gallery of 12 (the texts name 12 images): 8 ids are too few, as in Chinese-CLIP
+    tsv.write_texts(texts, SMALL + [tsv.Text(400, "更多", [9, 10, 11, 12])])
+    preds.write_text("".join(json.dumps(x) + "\n" for x in eight + [{"text_id": 400, "image_ids": ranked([9])}]))
+    code, out, _ = run_cli(capsys, texts, preds)
+    assert code == 1 and "has 8 image_ids" in out["errorMsg"] and "at least 12 images" in out["errorMsg"]
+    assert "so 10 are needed" in out["errorMsg"]
+    # a gallery over 10 (the ids the texts and the predictions name): no note
+    code, out, _ = run_cli(capsys, *write_files(tmp_path, t2i_lines()))
+    named = {i for t in TEXTS for i in t.image_ids} | {i for x in t2i_lines() for i in x["image_ids"]}
+    assert code == 0 and out["gallery_images"] == len(named) == 11 and out["notes"] == []

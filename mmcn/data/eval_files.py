@@ -136,12 +136,14 @@ def read_caption_scores(path: Path) -> list[dict[str, Any]]:
         return [obj for _, obj in _json_objects(path, f)]
 
 
-def read_retrieval_predictions(path: Path, direction: Direction, k: int = TOP_K) -> dict[int, RetrievalPrediction]:
+def read_retrieval_predictions(path: Path, direction: Direction, k: int = TOP_K,
+                               fewer: bool = False) -> dict[int, RetrievalPrediction]:
     """``query_id -> prediction`` from a Chinese-CLIP predictions file, checked line by line.
 
     Raises :class:`EvalFileError` naming the file, line and query for: a line that is not a
     JSON object, a missing or non-int query id, ranked ids that are not a list of exactly
-    ``k`` distinct ints, or a query id that already had a line.
+    ``k`` distinct ints (``fewer``: of 1 to ``k``; the caller checks them against its
+    gallery), or a query id that already had a line.
     """
     query_key, ids_key = RETRIEVAL_KEYS[direction]
     preds: dict[int, RetrievalPrediction] = {}
@@ -156,17 +158,18 @@ def read_retrieval_predictions(path: Path, direction: Direction, k: int = TOP_K)
             if not isinstance(ranked, list):
                 raise EvalFileError(f'{where}: {query_key} {qid}: "{ids_key}" must be a list of {k} integers, '
                                     f"got {_short(ranked)}")
-            if len(ranked) != k:
+            if len(ranked) != k and not (fewer and 0 < len(ranked) < k):
                 raise EvalFileError(f"{where}: {query_key} {qid} has {len(ranked)} {ids_key}; Chinese-CLIP's "
-                                    f"evaluation requires exactly {k} per query, best first")
+                                    f"evaluation requires exactly {k} per query, best first"
+                                    + (" (all the candidates when the gallery has fewer)" if fewer else ""))
             for rank, item in enumerate(ranked, start=1):
                 if type(item) is not int:
                     raise EvalFileError(f"{where}: {query_key} {qid} has a non-integer id {_short(item)} at rank "
                                         f"{rank}; ids must be JSON integers")
-            if len(set(ranked)) != k:
+            if len(set(ranked)) != len(ranked):
                 dups = sorted({i for i in ranked if ranked.count(i) > 1})
                 raise EvalFileError(f"{where}: {query_key} {qid} ranks {format_ids(dups)} more than once; "
-                                    f"give {k} distinct {ids_key}")
+                                    f"give {len(ranked)} distinct {ids_key}")
             if qid in preds:
                 raise EvalFileError(f"{where}: {query_key} {qid} already has a prediction on line "
                                     f"{preds[qid].line}; keep one line per query")

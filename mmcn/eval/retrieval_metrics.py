@@ -5,7 +5,13 @@ queries of the references (a query without gold ids is a miss); a predictions fi
 leaves out a reference query is an error, as in Chinese-CLIP ("The following text_ids have
 no prediction in your submission"), unless ``allow_missing``, which counts it as a miss;
 mean recall = (R@1 + R@5 + R@10) / 3; everything in percent, computed in the same
-order of float operations as Chinese-CLIP. Text-to-image queries are the texts of the
+order of float operations as Chinese-CLIP. Each query ranks exactly 10 candidates, as
+Chinese-CLIP requires, except where the gallery has fewer than 10 (mmcn's own rule; Chinese-
+CLIP's would refuse a small test split's predictions): then each query ranks all of them.
+The gallery is every candidate the files name: the image ids of the texts file and of the
+predictions (t2i), the text ids of the texts file and of the predictions (i2t). The result
+states its size (``gallery_images`` / ``gallery_texts``) and ``notes`` say which R@k rank
+the whole gallery (R@10 of 8 images is 100 for every query with gold: no information). Text-to-image queries are the texts of the
 texts file; image-to-text queries are the images named in some text's ``image_ids``
 (Chinese-CLIP's ``transform_ir_annotation_to_tr.py``), each with the texts naming it.
 
@@ -141,16 +147,42 @@ def gold_from_texts(texts: Sequence[tsv.Text], direction: Direction) -> dict[int
     return gold
 
 
+GALLERY_KEYS = {"t2i": ("gallery_images", "images"), "i2t": ("gallery_texts", "texts")}
+
+
+def gallery_notes(size: int, noun: str, ks: Sequence[int] = KS) -> list[str]:
+    """What a recall means little with a gallery of ``size`` ``noun``: the R@k whose k covers it all."""
+    trivial = [f"R@{k}" for k in ks if k >= size]
+    if not trivial:
+        return []
+    return [f"the gallery has {size} {noun}: {', '.join(trivial)} rank{'s' if len(trivial) == 1 else ''} all of "
+            f"them, so {'it is' if len(trivial) == 1 else 'they are'} 100 for every query with a gold item and "
+            "say nothing about the model; use a larger test split"]
+
+
 def evaluate_predictions(gold: Mapping[int, Collection[int]], predictions: Mapping[int, RetrievalPrediction],
                          direction: Direction = "t2i", source: str | Path = "predictions",
-                         allow_missing: bool = False) -> dict[str, Any]:
-    """Recall of top-10 predictions against ``gold`` plus ``n_queries`` and ``n_missing``.
+                         allow_missing: bool = False, candidates: Collection[int] = ()) -> dict[str, Any]:
+    """Recall of top-10 predictions against ``gold`` plus ``n_queries``, ``n_missing``, the
+    gallery's size (``gallery_images`` / ``gallery_texts``) and ``notes``.
 
     A prediction for a query that is not in ``gold`` is an error naming its line in ``source``;
     so is a query of ``gold`` without a prediction (listing them all, as Chinese-CLIP's
     ``evaluation.py`` / ``evaluation_tr.py`` do) unless ``allow_missing``: then it is a miss.
+    The gallery: ``candidates`` plus every id of ``gold`` and of the predictions; a prediction
+    with fewer than 10 ids is an error unless it ranks the whole gallery of fewer than 10.
     """
-    query_key = RETRIEVAL_KEYS[direction][0]
+    query_key, ids_key = RETRIEVAL_KEYS[direction]
+    gallery = set(candidates).union(*gold.values(), *(p.ranked_ids for p in predictions.values()))
+    need = min(TOP_K, len(gallery))
+    short = [p for p in predictions.values() if len(p.ranked_ids) < need]
+    if short:
+        p = short[0]
+        raise EvalFileError(f"{source}:{p.line}: {query_key} {p.query_id} has {len(p.ranked_ids)} {ids_key}; "
+                            f"Chinese-CLIP's evaluation requires exactly {TOP_K} per query, and the gallery has at "
+                            f"least {len(gallery)} {GALLERY_KEYS[direction][1]} (the ids in the texts file and the "
+                            f"predictions), so {need} are needed ({len(short)} such lines: "
+                            f"{format_ids([f'{q.query_id} (line {q.line})' for q in short])})")
     unknown = [p for q, p in predictions.items() if q not in gold]
     if unknown:
         raise EvalFileError(f"{source}:{unknown[0].line}: {query_key} {unknown[0].query_id} is not a query of the "
@@ -165,7 +197,9 @@ def evaluate_predictions(gold: Mapping[int, Collection[int]], predictions: Mappi
                             "scores them as misses instead)")
     ranks = np.array([_first_hit(predictions[q].ranked_ids, g) if q in predictions else NEVER
                       for q, g in gold.items()], dtype=np.int64)
-    return {**recalls_from_ranks(ranks, KS), "n_queries": len(gold), "n_missing": len(missing)}
+    key, noun = GALLERY_KEYS[direction]
+    return {**recalls_from_ranks(ranks, KS), "n_queries": len(gold), "n_missing": len(missing),
+            key: len(gallery), "notes": gallery_notes(len(gallery), noun)}
 
 
 def _first_hit(ranked: Sequence[int], gold: Collection[int]) -> int:
@@ -179,8 +213,10 @@ def evaluate_retrieval_files(texts_path: Path, predictions_path: Path, direction
     ``allow_missing`` (then it counts as a miss and ``n_missing`` says how many).
 
     Success: ``{"success": true, "score", "scoreJson": {"score", "mean_recall", "r1", "r5",
-    "r10"}, "n_queries", "n_missing"}``; failure: ``{"success": false, "score": 0,
-    "scoreJson": {}, "errorMsg", "errorDetail"}`` with the file, line and query named.
+    "r10"}, "n_queries", "n_missing", "gallery_images" (t2i) or "gallery_texts" (i2t),
+    "notes"}``; failure: ``{"success": false, "score": 0, "scoreJson": {}, "errorMsg",
+    "errorDetail"}`` with the file, line and query named. Fewer than 10 ids per query: only
+    when they rank the whole gallery (module docstring).
     """
     try:
         texts = tsv.read_texts(texts_path)
@@ -188,8 +224,9 @@ def evaluate_retrieval_files(texts_path: Path, predictions_path: Path, direction
             gold = gold_from_texts(texts, direction)
         except ValueError as e:
             raise EvalFileError(f"{texts_path}: {e}") from None
-        predictions = read_retrieval_predictions(predictions_path, direction, TOP_K)
-        result = evaluate_predictions(gold, predictions, direction, predictions_path, allow_missing)
+        predictions = read_retrieval_predictions(predictions_path, direction, TOP_K, fewer=True)
+        candidates = [i for t in texts for i in t.image_ids] if direction == "t2i" else [t.text_id for t in texts]
+        result = evaluate_predictions(gold, predictions, direction, predictions_path, allow_missing, candidates)
     except (ValueError, OSError) as e:  # EvalFileError is a ValueError
         message = str(e)
         return {"success": False, "score": 0, "scoreJson": {}, "errorMsg": message, "errorDetail": message}
@@ -197,7 +234,8 @@ def evaluate_retrieval_files(texts_path: Path, predictions_path: Path, direction
     return {"success": True, "score": mean,
             "scoreJson": {"score": mean, "mean_recall": mean, "r1": result["r1"], "r5": result["r5"],
                           "r10": result["r10"]},
-            "n_queries": result["n_queries"], "n_missing": result["n_missing"]}
+            "n_queries": result["n_queries"], "n_missing": result["n_missing"],
+            **{k: result[k] for k in (GALLERY_KEYS[direction][0], "notes")}}
 
 
 def _row_batches(scores: Any, batch_rows: int | None):
