@@ -1,6 +1,7 @@
-"""The HTML report: self-contained, every section present, and it renders in headless
-Chromium (Debian's `chromium`, installed by the README's test command) without console
-errors, with every image loaded and the gallery re-sortable."""
+"""The HTML report: self-contained, every section present, images labelled by their file
+names, and it renders in headless Chromium (Debian's `chromium`, installed by the README's
+test command) without console errors, with every image loaded, the gallery re-sortable and
+every Chinese character drawn with a real glyph (no tofu: a CJK font is installed)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mmcn.data.eval_files import read_caption_scores
-from mmcn.eval.report import ReportConfig, build_report
+from mmcn.data.manifest import manifest_path, read_manifest
+from mmcn.eval.report import ReportConfig, build_report, image_names
 
 CHROMIUM = os.environ.get("MMCN_CHROMIUM", "/usr/bin/chromium")
 
@@ -23,7 +25,8 @@ def report(chain_project, tmp_path_factory) -> Path:
     counts = build_report(out, chain_project / "lmdb/test", chain_project / "reports/caption",
                           chain_project / "reports/retrieval",
                           {t: chain_project / f"metrics/{t}.json" for t in ("caption", "retrieval", "absent")},
-                          sorted((chain_project / "plots").glob("*.csv")), ReportConfig(max_images=10, queries=4))
+                          sorted((chain_project / "plots").glob("*.csv")), ReportConfig(max_images=10, queries=4),
+                          image_names(manifest_path(chain_project / "tsv", "test")))
     assert counts["caption_images"] == 10 and counts["retrieval_queries"] == 4
     return out
 
@@ -40,6 +43,51 @@ def test_the_report_is_self_contained_and_complete(report, chain_project):
     assert rows[0]["caption"] in page and rows[0]["references"][0] in page
     metrics = json.loads((chain_project / "metrics/retrieval.json").read_text())
     assert f"{metrics['mean_recall']:.4g}" in page
+    # each card and each retrieval thumbnail names its file (the raw layout's path under images/)
+    sources = {e.image_id: e.source for e in read_manifest(chain_project / "tsv/test_manifest.jsonl")}
+    files = re.findall(r'data-id="(\d+)">.*?<p class="file">([^<]+)</p>', page)
+    assert len(files) == 10 and all(name == sources[int(i)] and name.endswith(".jpg") for i, name in files)
+    assert len(re.findall(r'<span class="file">[^<]+\.jpg</span>', page)) == 4 * 5
+
+
+def launch(p, **options):
+    """Debian's chromium under Playwright."""
+    return p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"),
+                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                   "--disable-component-update", "--disable-sync", "--no-first-run"], **options)
+
+
+# Each distinct CJK character of the page drawn alone on a canvas in the captions' font, as
+# a hash of its pixels, and two code points no font has (a private-use one and an unassigned
+# one), which Chromium draws as the missing-glyph box ("tofu"). A character drawn like them,
+# or like another character, has no glyph in any installed font.
+GLYPHS = """() => {
+  const chars = Array.from(new Set(Array.from(document.body.innerText).filter(c => /[\u4e00-\u9fff]/.test(c))));
+  const canvas = document.createElement('canvas'); canvas.width = canvas.height = 48;
+  const g = canvas.getContext('2d');
+  const family = getComputedStyle(document.querySelector('.pred')).fontFamily;
+  const draw = ch => {
+    g.clearRect(0, 0, 48, 48); g.font = '36px ' + family; g.fillText(ch, 4, 38);
+    const d = g.getImageData(0, 0, 48, 48).data; let h = 0, ink = 0;
+    for (let i = 3; i < d.length; i += 4) { h = (Math.imul(h, 31) + d[i]) | 0; ink += d[i] > 0; }
+    return h + ':' + ink;
+  };
+  return {chars: chars, shots: chars.map(draw), missing: ['\ue000', '\u0378'].map(draw)};
+}"""
+
+
+def tofu(page) -> list[str]:
+    """The page's Chinese characters that render as the missing-glyph box."""
+    got = page.evaluate(GLYPHS)
+    assert len(got["chars"]) >= 20  # the captions, references and tags of the demo test split
+    boxes = set(got["missing"])
+    seen: dict[str, str] = {}
+    bad = []
+    for char, shot in zip(got["chars"], got["shots"]):
+        if shot in boxes or shot in seen or shot.endswith(":0"):
+            bad.append(char)
+        seen[shot] = char
+    return bad
 
 
 def test_the_report_renders_in_headless_chromium(report):
@@ -52,9 +100,7 @@ def test_the_report_renders_in_headless_chromium(report):
 
     problems = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"),
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
@@ -68,8 +114,33 @@ def test_the_report_renders_in_headless_chromium(report):
         page.select_option("#sort", "cider-desc")
         ciders = [float(c) for c in page.eval_on_selector_all("#gallery .card", "cs => cs.map(c => c.dataset.cider)")]
         assert ciders == sorted(ciders, reverse=True) and float(first) == min(ciders)
+        missing = tofu(page)
+        assert not missing, (f"Chinese drawn as empty boxes (no CJK font: apt-get install fonts-noto-cjk, as the "
+                             f"README's test command does): {''.join(missing)}")
         browser.close()
     assert problems == []
+
+
+def test_the_tofu_check_catches_a_missing_cjk_font(report, tmp_path):
+    """The same page with a font configuration of Latin fonts only: every Chinese character is tofu."""
+    if not Path(CHROMIUM).is_file() and not shutil.which("chromium"):
+        pytest.skip("no chromium (test_the_report_renders_in_headless_chromium says what to install)")
+    latin = Path("/usr/share/fonts/truetype/dejavu")
+    if not latin.is_dir():
+        pytest.skip(f"{latin} missing: no Latin-only font set to run with")
+    conf = tmp_path / "fonts.conf"
+    conf.write_text(f'<?xml version="1.0"?><!DOCTYPE fontconfig SYSTEM "fonts.dtd"><fontconfig><dir>{latin}</dir>'
+                    f'<cachedir>{tmp_path / "cache"}</cachedir></fontconfig>')
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p, env={**os.environ, "FONTCONFIG_FILE": str(conf), "HOME": str(tmp_path)})
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(report.as_uri(), wait_until="load")
+        chars = page.evaluate(GLYPHS)["chars"]
+        missing = tofu(page)
+        browser.close()
+    assert missing and len(missing) >= len(chars) - 1  # all but at most one (the first of equal boxes) flagged
 
 
 def test_missing_inputs_are_reported_not_silently_dropped(chain_project, tmp_path, caplog):
