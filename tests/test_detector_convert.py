@@ -35,7 +35,7 @@ from mmcn.vision.convert import (convert_detector, inspect_state_dict, read_labe
 from mmcn.vision.detector import load_detector  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-K, A = 12, 6  # object classes and attributes of the small checkpoints
+K, A = 12, 40  # object classes and attributes of the small checkpoints
 
 
 def biased(n: int, outlier: int, value: float = 6.0, seed: int = 0) -> torch.Tensor:
@@ -123,6 +123,11 @@ def test_background_row_judged_from_the_biases():
     assert vinvl.source == "maskrcnn_benchmark" and vinvl.num_classes == K and vinvl.num_attributes == A
     assert (vinvl.background.position, vinvl.assumed_background) == ("first", "first")
     assert vinvl.box_regression.startswith(f"per class ({(K + 1) * 4} rows")
+    # "no attribute" never a target (pushed far below the rest): still the outlier, first
+    low = vinvl_state()
+    low["module.attribute.predictor.attr_score.bias"] = biased(A + 1, 0, -8.0, seed=1)
+    none_row = inspect_state_dict(low, match_presets=False).no_attribute
+    assert (none_row.position, none_row.confidence) == ("first", "high") and "spreads below" in none_row.evidence
     # a detectron2 file whose biases say background is first: reported against the convention
     flipped = inspect_state_dict(butd_state(background=0, real=False), origin="reexported.pkl",
                                  match_presets=False)

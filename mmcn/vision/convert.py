@@ -73,27 +73,31 @@ class RowEvidence:
 
 
 def row_position(bias: Tensor) -> RowEvidence:
-    """Judge whether the first or the last row of a logit layer is the outlier (background's
-    bias is the largest after training). ``high``: that row tops every other by at least
-    6 robust spreads (1.4826 x median absolute deviation of the middle rows) and the other end
-    is not above 3; ``medium``: it is the largest and above 3; otherwise ``unclear``."""
+    """Judge whether the first or the last row of a logit layer is the special one from its
+    bias: an outlier beyond every other row, measured in robust spreads (1.4826 x the median
+    absolute deviation of the middle rows) from their median. Background is trained as the
+    most frequent class, so its bias ends up far above; "no attribute" may be far above (the
+    usual target) or far below (never a target). ``high``: one end at least 6 spreads out and
+    the other end under 3; ``medium``: one end at least 3 out and the further; else ``unclear``."""
     if bias.device.type == "meta":
         return RowEvidence("unclear", "low", "no values (shapes only)")
     b = bias.detach().double().flatten()
     if b.numel() < 4:
         return RowEvidence("unclear", "low", f"only {b.numel()} rows")
-    first, last, middle = b[0].item(), b[-1].item(), b[1:-1]
+    ends, middle = {"first": b[0].item(), "last": b[-1].item()}, b[1:-1]
     median = middle.median().item()
     spread = max(1.4826 * (middle - median).abs().median().item(), 1e-6)
-    z = {"first": (first - median) / spread, "last": (last - median) / spread}
-    top, other = ("first", "last") if first >= last else ("last", "first")
-    value = first if top == "first" else last
-    words = (f"bias[0] = {first:.3f}, bias[{b.numel() - 1}] = {last:.3f}; the {b.numel() - 2} rows between: "
-             f"median {median:.3f}, max {middle.max().item():.3f}, spread {spread:.3g}; the {top} row is "
-             f"{min(z[top], 1e6):.1f} spreads above that median")
-    if value > middle.max().item() and z[top] >= _STRONG and z[other] < _CLEAR:
+    z = {end: (value - median) / spread for end, value in ends.items()}
+    beyond = {end: value > middle.max().item() or value < middle.min().item() for end, value in ends.items()}
+    score = {end: abs(z[end]) if beyond[end] else 0.0 for end in ends}
+    top, other = ("first", "last") if score["first"] >= score["last"] else ("last", "first")
+    words = (f"bias[0] = {ends['first']:.3f}, bias[{b.numel() - 1}] = {ends['last']:.3f}; the {b.numel() - 2} rows "
+             f"between: median {median:.3f}, range {middle.min().item():.3f}..{middle.max().item():.3f}, spread "
+             f"{spread:.3g}; the {top} row is {min(abs(z[top]), 1e6):.1f} spreads "
+             f"{'above' if z[top] > 0 else 'below'} that median")
+    if score[top] >= _STRONG and score[other] < _CLEAR:
         return RowEvidence(top, "high", words)
-    if value > middle.max().item() and z[top] >= _CLEAR:
+    if score[top] >= _CLEAR:
         return RowEvidence(top, "medium", words)
     return RowEvidence("unclear", "low", words + " (no outlier at either end)")
 
