@@ -77,6 +77,8 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     if result.get("n_missing"):
         print(f"warning: {result['n_missing']} of {result['n_queries']} queries have no prediction in "
               f"{args.predictions} and count as misses", file=sys.stderr)
+    for note in result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     print(json.dumps(result, ensure_ascii=False))
     return 0 if result["success"] else 1
 
@@ -479,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='Chinese-CLIP texts file: JSONL {"text_id", "text", "image_ids"}')
     p.add_argument("--predictions", type=Path, required=True,
                    help='JSONL {"text_id", "image_ids": [10 ids, best first]} for t2i, '
-                        '{"image_id", "text_ids": [10 ids]} for i2t')
+                        '{"image_id", "text_ids": [10 ids]} for i2t; all of them when the gallery (the ids '
+                        'the files name) has fewer than 10')
     p.add_argument("--direction", choices=("t2i", "i2t"), default="t2i",
                    help="t2i: text queries rank images; i2t: image queries rank texts")
     p.add_argument("--allow-missing", action="store_true",

@@ -225,8 +225,9 @@ def test_a_gallery_under_10_accepts_the_pipelines_own_predictions_and_says_its_s
     # as evaluate@retrieval writes it: min(10, gallery) ids per query
     write_retrieval_predictions(preds, "t2i", {t.text_id: [1 + i for i in topk(scores, min(10, 8))[q]]
                                                for q, t in enumerate(SMALL)})
-    code, out, _ = run_cli(capsys, texts, preds)
+    code, out, err = run_cli(capsys, texts, preds)
     assert code == 0 and out["success"] is True, out
+    assert err == f"note: {out['notes'][0]}\n"
     expected = reference_recall({t.text_id: t.image_ids for t in SMALL},
                                 {t.text_id: [1 + i for i in reference_topk(scores[q])] for q, t in enumerate(SMALL)})
     assert out["scoreJson"] == {"score": expected["mean_recall"], **expected} and expected["r10"] == 100.0
