@@ -675,9 +675,6 @@ def build_parser() -> argparse.ArgumentParser:
             "--labels: also check that label map against it (exit 2 naming the file when it does not fit)."))
     p.add_argument("weights", type=Path, help="checkpoint file")
     p.add_argument("--arch", help="detector.arch preset to check against (default: the one that fits)")
-    p.add_argument("--labels", type=Path, nargs="+", default=[],
-                   help="label map: VinVL's VG-SGG-dicts-vgoi6-clipped.json and/or BUTD's objects_vocab.txt "
-                        "attributes_vocab.txt (default: the preset's packaged names)")
     p.add_argument("--json", action="store_true", help="the facts as one JSON object")
     p.set_defaults(func=_cmd_inspect_detector)
 
@@ -694,11 +691,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"detector.arch preset ({', '.join(PRESETS)}), or a detector config.json (as "
                         f"save_detector writes) for an architecture no preset has")
     p.add_argument("--out", type=Path, default=Path("models/detector"), help="detector folder to write")
-    p.add_argument("--labels", type=Path, nargs="+", default=[],
-                   help="label map: VinVL's VG-SGG-dicts-vgoi6-clipped.json and/or BUTD's objects_vocab.txt "
-                        "attributes_vocab.txt (default: the preset's packaged names)")
     p.add_argument("--force", action="store_true", help="replace OUT when it exists and is not empty")
     p.set_defaults(func=_cmd_convert_detector)
+    for name in ("inspect-detector", "convert-detector"):
+        sub.choices[name].add_argument(
+            "--labels", type=Path, nargs="+", default=[],
+            help="label map: VinVL's VG-SGG-dicts-vgoi6-clipped.json and/or BUTD's objects_vocab.txt "
+                 "attributes_vocab.txt (default: the preset's packaged names)")
 
     for name in ("caption", "search"):
         p = sub.choices[name]

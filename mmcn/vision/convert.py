@@ -156,7 +156,8 @@ class CheckpointInfo:
                         "its packaged label map does NOT fit: give the checkpoint's own (--labels)")
                 lines.append(f"  detector.arch: {name} (architecture matches; {fits})")
         else:
-            lines.append(f"  detector.arch: no preset matches ({', '.join(PRESETS)} tried)")
+            lines.append(f"  detector.arch: no preset matches ({', '.join(PRESETS)} tried; `mmcn convert-detector "
+                         f"--arch config.json` takes a config for another architecture)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
