@@ -258,3 +258,13 @@ def test_a_saved_grid_folder_with_foreign_weights_is_refused(tmp_path):
     save_file(build_detector("small").state_dict(), str(tmp_path / "det" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"det/model\.safetensors: not a torchvision resnext14_32x4d"):
         load_detector(tmp_path / "det")
+
+
+def test_a_half_precision_checkpoint_converts_to_float32(tmp_path):
+    model, _ = tiny_resnext(tmp_path)
+    path = tmp_path / "half.pth"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
+    grid = convert_grid(path)
+    for k, v in model.state_dict().items():
+        got = grid.body.state_dict()[k]
+        assert got.dtype == v.dtype and torch.equal(got, v.half().to(v.dtype) if v.is_floating_point() else v), k

@@ -266,8 +266,8 @@ def convert_grid(path: str | Path, **changes: Any) -> GridDetector:
     state = read_state_dict(path)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     config = replace(grid_config_for(state, str(path)), **changes)
-    return _load_body(GridDetector(config), {k: v.float() for k, v in state.items()}, str(path),
-                      "pass torchvision's state dict of that model")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # half-precision files too
+    return _load_body(GridDetector(config), state, str(path), "pass torchvision's state dict of that model")
 
 
 def is_grid_folder(path: str | Path) -> bool:
