@@ -150,3 +150,42 @@ def test_missing_inputs_are_reported_not_silently_dropped(chain_project, tmp_pat
     assert "retrieval_queries" not in counts and counts["caption_images"] == 12
     for missing in ("absent.json", "none.csv", "t2i_predictions.jsonl"):
         assert missing in caplog.text
+
+
+def test_dvc_plots_show_works_offline(tmp_path):
+    """The repository's DVC config names an HTML template with Vega inlined (.dvc/plots_template.html):
+    `dvc plots show` writes a page that loads nothing from the network and draws every plot in
+    Chromium with every request refused."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    for name in ("config", "plots_template.html"):
+        shutil.copy(root / ".dvc" / name, repo / ".dvc" / name)
+    (repo / "loss.csv").write_text("step,loss\n" + "".join(f"{k},{1 / (k + 1):.4f}\n" for k in range(20)))
+    (repo / "dvc.yaml").write_text("plots:\n  - loss.csv:\n      x: step\n      y: loss\n")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "out"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    page = (repo / "out/index.html").read_text(encoding="utf-8")
+    assert not re.search(r'<script[^>]+src=', page) and "cdn.jsdelivr" not in page  # Vega inline, no CDN
+    assert page.count("vegaEmbed('#") == 1
+    if not Path(CHROMIUM).is_file() and not shutil.which("chromium"):
+        pytest.skip("no chromium (test_the_report_renders_in_headless_chromium says what to install)")
+    from playwright.sync_api import sync_playwright
+
+    problems, requests = [], []
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page()
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+                   else (requests.append(route.request.url), route.abort()))
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto((repo / "out/index.html").as_uri(), wait_until="load")
+        page.wait_for_selector("div[id] canvas, div[id] svg", timeout=20_000)  # vega-embed drew the plot
+        browser.close()
+    assert problems == [] and requests == []
