@@ -186,6 +186,14 @@ def test_label_maps_checked_against_the_checkpoint(tmp_path):
             read_label_files([broken])
 
 
+def test_a_checkpoint_given_to_the_wrong_preset_names_the_right_one(tmp_path):
+    path = tmp_path / "vinvl_vg_x152c4.pth"
+    torch.save(meta_state(maskrcnn_shapes()), path)  # read back on the meta device: shapes only, no bytes
+    with pytest.raises(CheckpointError, match=r"a ResNeXt-152 32x8d maskrcnn_benchmark checkpoint, which fits "
+                                              r"detector.arch vinvl_x152_c4, not butd_r101_c4; set detector.arch"):
+        convert_detector(path, "butd_r101_c4")
+
+
 def test_classification_checkpoint_is_named_as_such(tmp_path):
     state = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64),
              "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "layer4.2.conv3.weight": torch.zeros(2048, 512, 1, 1),

@@ -452,8 +452,9 @@ def convert_detector(weights: str | Path, arch: str | DetectorConfig,
     info = inspect_state_dict(state, source, origin)
     base = _config(arch)
     if info.presets and base.name not in info.presets:
-        log.warning("%s: its architecture matches detector.arch %s, not %s", origin, " / ".join(info.presets),
-                    base.name)
+        raise CheckpointError(f"{origin}: a {info.backbone} {FORMATS[source].split(' (')[0]} checkpoint, which fits "
+                              f"detector.arch {' / '.join(info.presets)}, not {base.name}; set detector.arch "
+                              f"(--arch) to {info.presets[0]}")
     classes, attributes, assumed = resolve_labels(info, base, read_label_files(labels))
     config = base.replace(classes=classes, attributes=attributes, cls_agnostic_bbox_reg=info.class_agnostic)
     assumed.insert(0, f"background row {info.assumed_background} of cls_score and 'no attribute' row "
