@@ -289,6 +289,12 @@ def test_stage_without_boxes_or_weights_stops_first_with_the_options(project):
         assert option in message
     assert not (project / "metrics").exists() and not (project / "models").exists()  # nothing done before it
     assert run_main(stage.main) == 2  # the stage's error path: one line, exit 2
+    from mmcn.data.manifest import ManifestEntry, manifest_path, write_manifest
+    from mmcn.data.raw import RawObject
+
+    write_manifest(manifest_path(project / "data/tsv", "train"), [ManifestEntry(
+        0, "0.jpg", "0" * 64, 64, 48, "JPEG", "RGB", [RawObject((1.0, 1.0, 9.0, 9.0), "cat", ())])])
+    stage.require_boxes(project / "data/detector_weights")  # one box is enough to train on
 
 
 def test_stage_refuses_a_classification_checkpoint_as_detector_weights(project):
