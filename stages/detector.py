@@ -27,6 +27,7 @@ PLOT = Path("plots/detector_loss.csv")
 CHECKPOINT_SUFFIXES = (".pkl", ".pth")
 LABEL_SUFFIXES = (".json", ".txt")  # a label map beside the checkpoint: VinVL's *.json, BUTD's *_vocab.txt
 README_SECTION = "README, 'Region features from published detectors'"
+GRID_README = "README, 'No detector weights: grid features'"
 
 
 def checkpoint_file(weights: Path) -> Path | None:
@@ -61,8 +62,8 @@ def require_boxes(weights: Path) -> None:
             f"detector stage has nothing to train or convert. Choose one ({README_SECTION}): a published "
             f"detector (BUTD's faster_rcnn_from_caffe_attr.pkl with detector.arch: butd_r101_c4, or VinVL's "
             f"vinvl_vg_x152c4.pth with detector.arch: vinvl_x152_c4, put in detector.weights); the grid-feature "
-            f"fallback on an ImageNet ResNet checkpoint when you have no detector (see README); or released "
-            f"VinVL/Oscar features in features.source")
+            f"fallback when you have no detector (detector.arch: grid_resnet with an ImageNet ResNet checkpoint in "
+            f"detector.weights; {GRID_README}); or released VinVL/Oscar features in features.source")
 
 
 def read_params() -> tuple[str, Path, Path | None, DetectorTrainConfig, Path]:

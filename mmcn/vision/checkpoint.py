@@ -157,12 +157,14 @@ def guess_source(state: dict[str, Tensor], origin: str = "the checkpoint") -> st
         raise CheckpointError(f"{origin}: this looks like a Caffe2 / Detectron1 blob file (res2_0_branch2a_w ...); "
                               f"convert it to detectron2 names with detectron2's c2 model loading first")
     if "fc.weight" in keys and "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+        classes = next(v.shape[0] for k, v in state.items() if _strip_module(k) == "fc.weight")
         raise CheckpointError(
             f"{origin}: an image classification checkpoint (torchvision ResNet/ResNeXt keys conv1, layer1..4, fc "
-            f"with {tuple(state[next(k for k in state if _strip_module(k) == 'fc.weight')].shape)[0]} classes), not "
+            f"with {classes} classes), not "
             f"a detector: it has no region proposal or box heads to convert. For features from it use the "
-            f"grid-feature fallback (see README, 'Region features from published detectors'); for region features "
-            f"give a detection checkpoint (BUTD faster_rcnn_from_caffe_attr.pkl, VinVL vinvl_vg_x152c4.pth)")
+            f"grid-feature fallback (detector.arch: grid_resnet; README 'No detector weights: grid features'); for "
+            f"region features give a detection checkpoint (BUTD faster_rcnn_from_caffe_attr.pkl, VinVL "
+            f"vinvl_vg_x152c4.pth)")
     raise CheckpointError(
         f"{origin}: cannot tell its format: not a detectron2 (BUTD) or maskrcnn_benchmark (VinVL) detection "
         f"checkpoint, no key names either uses (first: {keys[:5]}); README 'Region features from published "
