@@ -197,16 +197,14 @@ def _cmd_inspect_detector(args: argparse.Namespace) -> int:
           else info.summary())
     if not (args.arch or args.labels):
         return 0
-    arch = args.arch or (info.presets[0] if info.presets else None)
-    if arch is None:
-        raise CheckpointError(f"{args.weights}: no detector.arch preset matches its architecture, so there is "
-                              f"no label map to check it against")
-    if arch not in info.presets:
-        raise CheckpointError(f"{args.weights}: its architecture does not fit detector.arch {arch} (fits: "
-                              f"{', '.join(info.presets) or 'none'}); `mmcn convert-detector` lists the keys")
-    _, _, assumed = resolve_labels(info, arch, read_label_files(args.labels))  # a misfit: CheckpointError, exit 2
+    if args.arch and args.arch not in info.presets:
+        raise CheckpointError(f"{args.weights}: its architecture does not fit detector.arch {args.arch} (fits: "
+                              f"{', '.join(info.presets) or 'none'})")
+    # the given label map, the rest from --arch's preset; a misfit: CheckpointError naming the file, exit 2
+    classes, attributes, assumed = resolve_labels(info, args.arch, read_label_files(args.labels))
     if not args.json:
-        print(f"detector.arch {arch}: fits; " + "; ".join(assumed))
+        print(f"label map fits ({len(classes or ())} object, {len(attributes or ())} attribute names): "
+              + "; ".join(assumed))
     return 0
 
 

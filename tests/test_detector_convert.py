@@ -223,6 +223,13 @@ def test_convert_detector_cli_round_trip_and_inspect(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "format: detectron2" in printed and f"object classes: {K} + background" in printed
     assert "biases say: last too (high confidence)" in printed and "detector.arch: no preset matches" in printed
+    assert cli(["inspect-detector", str(path), "--labels", str(objects), str(attributes)]) == 0
+    assert f"label map fits ({K} object, {A} attribute names)" in capsys.readouterr().out
+    five = write_vocab(tmp_path / "five_objects_vocab.txt", names[:5])
+    assert cli(["inspect-detector", str(path), "--labels", str(five)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {five}: 5 object names, but {path} has {K}")
+    assert cli(["inspect-detector", str(path), "--arch", "butd_r101_c4"]) == 2
+    assert "does not fit detector.arch butd_r101_c4 (fits: none)" in capsys.readouterr().err
 
     assert cli(["convert-detector", str(path), "--arch", str(arch), "--out", str(out),
                 "--labels", str(objects), str(attributes)]) == 0

@@ -388,29 +388,32 @@ def _config(arch: str | DetectorConfig) -> DetectorConfig:
     return arch if isinstance(arch, DetectorConfig) else detector_config(arch)
 
 
-def resolve_labels(info: CheckpointInfo, arch: str | DetectorConfig, labels: LabelMap
-                   ) -> tuple[tuple[str, ...], tuple[str, ...], list[str]]:
+def resolve_labels(info: CheckpointInfo, arch: str | DetectorConfig | None, labels: LabelMap
+                   ) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None, list[str]]:
     """``(classes, attributes, what was assumed)`` for converting ``info``'s checkpoint as
-    ``arch`` (a preset name or a config): the given label map's lists, else the preset's
-    packaged ones; a size that differs from the checkpoint's is a :class:`CheckpointError`
-    naming the file."""
-    preset = _config(arch)
-    arch = preset.name
+    ``arch`` (a preset name or a config; None: check the given lists only): the given label
+    map's lists, else the preset's packaged ones; a size that differs from the checkpoint's is
+    a :class:`CheckpointError` naming the file."""
+    preset = None if arch is None else _config(arch)
     assumed = []
     result = []
-    for kind, given, where, packaged, count, rows in (
-            ("object", labels.classes, labels.classes_from, preset.classes, info.num_classes, "cls_score"),
-            ("attribute", labels.attributes, labels.attributes_from, preset.attributes, info.num_attributes,
-             "attr_score")):
+    for kind, given, where, count, rows in (
+            ("object", labels.classes, labels.classes_from, info.num_classes, "cls_score"),
+            ("attribute", labels.attributes, labels.attributes_from, info.num_attributes, "attr_score")):
+        packaged = None if preset is None else (preset.classes if kind == "object" else preset.attributes)
+        if given is None and packaged is None:
+            result.append(None)
+            continue
         if given is None:
-            given, where = packaged, _packaged_name(packaged, f"detector.arch {arch}'s {kind} list")
-            origin = f"{where} (detector.arch {arch}'s {kind} names)"
+            given, where = packaged, _packaged_name(packaged, f"detector.arch {preset.name}'s {kind} list")
+            origin = f"{where} (detector.arch {preset.name}'s {kind} names)"
         else:
             origin = where
-            if set(given) == set(packaged) and given != packaged:
+            if packaged is not None and set(given) == set(packaged) and given != packaged:
                 moved = sum(a != b for a, b in zip(given, packaged))
-                assumed.append(f"{where}: the same {len(given)} {kind} names as {_packaged_name(packaged, arch)} "
-                               f"in another order ({moved} rows differ); using {where}'s order")
+                assumed.append(f"{where}: the same {len(given)} {kind} names as "
+                               f"{_packaged_name(packaged, preset.name)} in another order ({moved} rows differ); "
+                               f"using {where}'s order")
         if count is None:  # no attribute head: any attribute list is unused
             result.append(given)
             continue
