@@ -453,7 +453,8 @@ def _fraction(dataset, share: float):
 @torch.no_grad()
 def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, device,
               embeddings: dict | None = None) -> dict:
-    """Caption: masked-token loss and accuracy on valid (fixed masks); retrieval: dual-encoder
+    """Caption: masked-token loss and accuracy on valid (fixed masks); clipcap: the loss and
+    accuracy of every caption token (``embeddings``: the cached CLIP embeddings); retrieval: dual-encoder
     recall (t2i / i2t R@1, mean recall) over the whole valid split, or for a matcher alone its
     loss on the valid pairs and one fixed random negative each (ranking every pair would
     take longer than the epoch)."""
