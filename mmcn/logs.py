@@ -34,7 +34,7 @@ class Progress:
     On a terminal (stderr a TTY): a tqdm bar. Otherwise (``dvc repro > log``, a Ray worker,
     CI): a log line every ``interval`` seconds (default :data:`PROGRESS_INTERVAL`, or the
     ``MMCN_PROGRESS_INTERVAL`` environment variable) and at every tenth of ``total``, e.g.
-    ``train detector: 120/800 step (15%) in 4m10s, 0.48 step/s, ETA 23m36s, loss=1.234``.
+    ``train detector: 120/800 step (15%) in 4m10s, 2.08 s/step, ETA 23m36s, loss=1.234``.
     :meth:`close` (or leaving the ``with`` block) logs the final count and time in both modes.
     ``tenths=False`` keeps the interval lines only, ``final=False`` drops the closing line (for
     a part of a larger job whose own progress is logged elsewhere, e.g. one shard of many).
