@@ -461,7 +461,8 @@ def convert_detector(weights: str | Path, arch: str | DetectorConfig,
     classes, attributes, assumed = resolve_labels(info, base, read_label_files(labels))
     config = base.replace(classes=classes, attributes=attributes, cls_agnostic_bbox_reg=info.class_agnostic)
     assumed.insert(0, f"background row {info.assumed_background} of cls_score and 'no attribute' row "
-                      f"{info.assumed_background} of attr_score ({source} convention), moved to row 0")
+                      f"{info.assumed_background} of attr_score ({source} convention)"
+                      + (", moved to row 0" if info.assumed_background == "last" else ", row 0 as in mmcn's model"))
     if info.class_agnostic:
         assumed.append("class-agnostic box regression (cls_agnostic_bbox_reg=True)")
     model = detector_from_state(state, source, config, origin=origin)
