@@ -208,6 +208,15 @@ def _cmd_inspect_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detector_dir(value: str) -> Path:
+    """``--detector``: a detector folder; a checkpoint file given instead gets the command that converts it."""
+    if Path(value).is_file():
+        raise argparse.ArgumentTypeError(
+            f"{value} is a file, not a detector folder (config.json + model.safetensors); convert a BUTD / VinVL "
+            f"checkpoint first: mmcn convert-detector {value} --arch butd_r101_c4|vinvl_x152_c4 --out DIR")
+    return Path(value)
+
+
 def _detector_arch(value: str):
     """``--arch``: a preset name, or a detector config.json file (its DetectorConfig)."""
     from mmcn.vision.config import PRESETS, DetectorConfig
@@ -492,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a detector (a models/detector-style folder) over {split}_imgs.tsv and write "
                                    "Parquet shards of region features; resumes from finished shards.")
     d = _defaults(ExtractConfig)
-    p.add_argument("--detector", type=Path, required=True, help="detector folder (model.safetensors + config.json)")
+    p.add_argument("--detector", type=_detector_dir, required=True,
+                   help="detector folder (model.safetensors + config.json)")
     p.add_argument("--tsv", type=Path, required=True, help="folder with {split}_imgs.tsv (+ .lineidx)")
     p.add_argument("--out", type=Path, required=True, help="output folder of feature shards")
     p.add_argument("--min-boxes", type=int, default=d["min_boxes"], help="fewest boxes per image")
@@ -699,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("caption", "search"):
         p = sub.choices[name]
-        p.add_argument("--detector", type=Path, default=Path("models/detector"), help="detector folder")
+        p.add_argument("--detector", type=_detector_dir, default=Path("models/detector"), help="detector folder")
         p.add_argument("--params", type=Path, default=None,
                        help="take the chain's settings (ingest.max_side, features.*, translate.*) from this params "
                             "file instead of those the model folder records")

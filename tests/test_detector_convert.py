@@ -248,6 +248,9 @@ def test_convert_detector_cli_round_trip_and_inspect(tmp_path, capsys):
     assert cli(["convert-detector", str(path), "--arch", str(arch), "--out", str(out),
                 "--labels", str(objects), str(attributes)]) == 2
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:  # a checkpoint where a detector folder belongs: the command to run
+        cli(["caption", str(tmp_path / "photo.jpg"), "--detector", str(path)])
+    assert exit_code.value.code == 2 and f"mmcn convert-detector {path} --arch" in capsys.readouterr().err
     wrong = write_vocab(tmp_path / "wrong_objects_vocab.txt", names + ["extra"])
     assert cli(["convert-detector", str(path), "--arch", str(arch), "--out", str(out), "--force",
                 "--labels", str(wrong), str(attributes)]) == 2
