@@ -172,6 +172,9 @@ def test_label_maps_checked_against_the_checkpoint(tmp_path):
     # VinVL's dicts: index order 1..N, background 0 reserved
     good = vinvl_dicts(tmp_path / "good.json", names[::-1], attrs)
     assert read_label_files([good]).classes == tuple(names[::-1])
+    written_out = vinvl_dicts(tmp_path / "zero_named.json", names, attrs,
+                              {"label_to_idx": {"__background__": 0, **{n: i + 1 for i, n in enumerate(names)}}})
+    assert read_label_files([written_out]).classes == tuple(names)  # the reserved row 0 spelled out: dropped
     in_order = {n: i + 1 for i, n in enumerate(names)}
     cases = {
         "gap.json": ({"label_to_idx": {n: i + 2 for i, n in enumerate(names)}}, r"indices are not 1\.\.12"),

@@ -26,7 +26,8 @@ Label maps (:func:`read_label_files`): VinVL's ``VG-SGG-dicts-vgoi6-clipped.json
 (line i = class i; a file whose name contains "attr" holds attributes). Without one, the
 preset's packaged vocabulary (``mmcn/resources/detector/``) is used. :func:`convert_detector`
 refuses a label map whose size differs from the checkpoint's, or whose indices cannot be put
-in order (gaps, duplicates, index 0 taken, the two directions disagreeing), naming the file.
+in order (gaps, duplicates, index 0 taken by a name other than background / no attribute, the
+two directions disagreeing), naming the file.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ FORMATS = {
 CONVENTION = {"detectron2": "last", "maskrcnn_benchmark": "first", "native": "first"}
 LABEL_MAP_KEYS = (("label_to_idx", "idx_to_label"), ("attribute_to_idx", "idx_to_attribute"))
 _STRONG, _CLEAR = 6.0, 3.0  # robust z-scores (spreads above the median of the other rows)
+_RESERVED_ZERO = {"background", "noattribute", "none", "noattr"}  # names index 0 may carry, letters only
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,8 @@ def _in_index_order(to_idx: dict | None, idx_to: dict | None, keys: tuple[str, s
         if idx_to is not None and len(seen) != len(by_index):
             raise CheckpointError(f"{where}: {keys[0]} has {len(seen)} entries, {keys[1]} {len(by_index)}")
         by_index = seen
+    if 0 in by_index and re.sub(r"[^a-z]", "", by_index[0].lower()) in _RESERVED_ZERO:
+        del by_index[0]  # the reserved row written out ("__background__", "__no_attribute__")
     if 0 in by_index:
         raise CheckpointError(f"{where}: index 0 is {by_index[0]!r}, but 0 is background / 'no attribute' in "
                               f"VinVL's label map (names start at 1); the rows cannot be matched")
