@@ -181,3 +181,22 @@ def test_cli(tmp_path, capsys):
     assert cli_main(["import-features", str(tmp_path / "nothing"), "--tsv", str(tsv_dir)]) == 2
     err = capsys.readouterr().err
     assert "no feature file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_exif_rotated_image_is_matched_as_displayed(tmp_path):
+    """The stored pixels of 101 are 30x40 with EXIF Orientation 6 (turn 90 degrees): it displays
+    40x30, the frame mmcn's decoders (and VinVL's OpenCV reader) give the detector, so the
+    release's 400x300 features fit it and the record says 40x30."""
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (30, 40), (10, 200, 30)).save(buf, "JPEG", exif=exif)
+    tsv_dir = tmp_path / "tsv"
+    tsv_dir.mkdir()
+    with tsv.TsvWriter(tsv.imgs_path(tsv_dir, "train")) as w:
+        w.write(101, base64.b64encode(buf.getvalue()))
+    write_release(tmp_path / "release", "caption", release(ids=(101,)))
+    report = import_features(tmp_path / "release", tsv_dir, tmp_path / "features")
+    assert report["splits"]["train"] == {"images": 1, "boxes": 3, "skipped": 0}, report["skipped"]
+    (r,) = region_features.iter_split(tmp_path / "features", "train")
+    assert (r.width, r.height) == (40, 30)

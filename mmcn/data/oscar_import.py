@@ -37,7 +37,6 @@ The folder is replaced as a whole (built aside, then swapped in).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -49,10 +48,10 @@ from pathlib import Path
 
 import numpy as np
 import pybase64
-from PIL import Image
 from tqdm import tqdm
 
 from mmcn.data import features as region_features
+from mmcn.data import image
 from mmcn.data import tsv
 from mmcn.data.chain import read_chain, write_chain
 from mmcn.data.outputs import replace_folder
@@ -238,12 +237,14 @@ def to_record(image_id: int, width: int, height: int, features: np.ndarray, boxe
 
 
 def _image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image header, as the detector would see the file (no EXIF rotation)."""
+    """(width, height) of the ingested image as displayed (EXIF orientation applied): the frame
+    every mmcn decoder gives the detector and the report (:func:`mmcn.data.image.displayed`), and
+    the one VinVL's OpenCV reader (which applies EXIF orientation) extracted from."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except Exception as e:  # PIL's assorted errors on unreadable files
-        raise ValueError(f"the ingested image cannot be read ({type(e).__name__}: {e})") from None
+        info = image.inspect(data, max_pixels=1 << 62)  # ingest applied its own limit already
+    except image.ImageError as e:
+        raise ValueError(f"the ingested image cannot be read ({e})") from None
+    return info.width, info.height
 
 
 def import_features(source: Path, tsv_dir: Path, out_dir: Path, cfg: ImportConfig = ImportConfig()) -> dict:
