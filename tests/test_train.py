@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmcn.data.datasets import CaptionDataset
@@ -183,3 +184,30 @@ def test_a_fine_tune_starts_from_a_relative_init_folder_in_a_ray_worker(ray_sess
     assert json.loads((tmp_path / "caption" / "mmcn.json").read_text())["model"]["init"] == "models/pretrain"
     assert not torch.equal(model.bert.embeddings.word_embeddings.weight,
                            pretrained.bert.embeddings.word_embeddings.weight)  # trained on from there
+
+
+
+class _Store:
+    """What the check reads of an LmdbStore: pairs as (text position, image position), images."""
+
+    def __init__(self, pair_positions: list[list[int]], images: int):
+        self.pair_positions, self.images, self.path = np.array(pair_positions), images, "data/lmdb/train"
+
+    def __len__(self) -> int:
+        return self.images
+
+
+def test_too_few_pairs_for_one_step_is_refused_before_training():
+    """3 captions with batch 32 would train 0 steps (every worker drops its partial batch) and
+    crash later: the driver refuses it, naming the count, the product and the param."""
+    from mmcn.train.loop import _check_enough_pairs
+
+    store = _Store([[0, 0], [1, 0], [2, 1]], images=2)
+    with pytest.raises(ValueError, match=r"3 training pairs .* 32 x 1 x 1 = 32: lower caption.train.batch_size"):
+        _check_enough_pairs("caption", store, TrainConfig(batch_size=32, workers=1))
+    with pytest.raises(ValueError, match=r"= 4: lower"):   # 2 workers x 2
+        _check_enough_pairs("caption", store, TrainConfig(batch_size=2, workers=2))
+    _check_enough_pairs("caption", store, TrainConfig(batch_size=3, workers=1))  # exactly one step
+    _check_enough_pairs("caption", store, TrainConfig(batch_size=3, workers=0))  # in-process: one worker
+    with pytest.raises(ValueError, match="2 training pairs"):  # the first of 2 images has 2 captions
+        _check_enough_pairs("caption", store, TrainConfig(batch_size=3, workers=1, train_fraction=0.5))

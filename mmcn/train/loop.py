@@ -109,6 +109,7 @@ def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, stor
 
     lmdb_dir, out_dir, storage_path = Path(lmdb_dir).resolve(), Path(out_dir).resolve(), Path(storage_path).resolve()
     train_store = LmdbStore(lmdb_dir / "train")
+    _check_enough_pairs(spec.task, train_store, cfg)
     run_name = f"{spec.task}-{_fingerprint(spec, cfg, train_store)}"
     run_dir = storage_path / run_name
     tokenizer_dir = run_dir / "tokenizer"
@@ -366,9 +367,11 @@ def _train_worker(config: dict) -> None:
             recent = [r["loss"] for r in history["train"][-steps_per_epoch:]]
             when = _epoch_timing(step, total_steps, steps_per_epoch, history["resumed_from"] or 0,
                                  time.perf_counter() - started)
-            print(f"[mmcn.train] {spec.task} epoch {epoch + 1}/{cfg.epochs}: step {step}/{total_steps}, "
-                  f"loss {sum(recent) / max(len(recent), 1):.4f}, "
-                  + "".join(f"{k} {v}, " for k, v in valid.items()) + when, flush=True)
+            # logged, not print()ed: Ray Train's workers patch print to log the line as well, so the
+            # driver showed each epoch twice
+            log.info("[mmcn.train] %s epoch %d/%d: step %d/%d, loss %.4f, %s%s", spec.task, epoch + 1, cfg.epochs,
+                     step, total_steps, sum(recent) / max(len(recent), 1),
+                     "".join(f"{k} {v}, " for k, v in valid.items()), when)
         save({"step": step, "epoch": epoch + 1, **valid}, epoch + 1, 0)
 
 
@@ -435,6 +438,21 @@ def _task_data(task: str, store_path: Path, tokenizer, model_config, cfg: TrainC
                                                            cfg.max_masked, generator=gen, mask_type=cfg.mask_type)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None  # random negatives
     return RetrievalDataset(store_path), RetrievalCollator(tokenizer, model_config, generator=gen)
+
+
+def _check_enough_pairs(task: str, store, cfg: TrainConfig) -> None:
+    """Refuse a run that could not make one optimiser step: every worker drops its last partial
+    batch, so fewer than ``batch_size x workers x grad_accum`` training pairs train nothing."""
+    pairs = store.pair_positions.tolist()
+    if cfg.train_fraction < 1:
+        cut = max(1, round(cfg.train_fraction * len(store)))
+        pairs = [p for p in pairs if p[1] < cut]
+    workers = max(1, cfg.workers)  # 0: in-process, one worker
+    need = cfg.batch_size * workers * cfg.grad_accum
+    if len(pairs) < need:
+        raise ValueError(f"{task}: {len(pairs)} training pairs (image, caption) in {store.path}, but one step needs "
+                         f"batch_size x workers x grad_accum = {cfg.batch_size} x {workers} x {cfg.grad_accum} "
+                         f"= {need}: lower {task}.train.batch_size (or grad_accum, train.workers) or add captions")
 
 
 def _fraction(dataset, share: float):
