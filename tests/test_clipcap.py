@@ -134,6 +134,29 @@ def test_finetuned_tiny_clipcap_overfits_to_the_exact_captions(clip_dir, tokeniz
             assert captions == CAPTIONS and all(-0.1 < s <= 0 for s in scores)
 
 
+def test_greedy_generate_on_prefix_embeddings_is_the_argmax_chain(clip_dir, tokenizer, embeddings):
+    """transformers' generate(inputs_embeds=prefix) in this version: greedy equals feeding GPT-2
+    its own argmax token after the prefix, step by step ([PAD]/[CLS]/[MASK] never chosen,
+    stop at [SEP])."""
+    model = tiny(clip_dir, tokenizer, mapping="transformer").eval()
+    ids, _ = model.generate(embeddings, ClipCapDecoding(num_beams=1, max_length=7), tokenizer.sep_token_id,
+                            tokenizer.pad_token_id, [tokenizer.pad_token_id, tokenizer.cls_token_id,
+                                                     tokenizer.mask_token_id])
+    banned = [tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.mask_token_id]
+    with torch.no_grad():
+        for k in range(len(embeddings)):
+            seq, chain = model.prefix(embeddings[k:k + 1]), []
+            for _ in range(7):
+                logits = model.gpt2(inputs_embeds=seq).logits[0, -1]
+                logits[banned] = float("-inf")
+                token = int(logits.argmax())
+                if token == tokenizer.sep_token_id:
+                    break
+                chain.append(token)
+                seq = torch.cat([seq, model.gpt2.transformer.wte(torch.tensor([[token]]))], 1)
+            assert ids[k] == chain
+
+
 def test_frozen_gpt2_trains_the_mapper_alone(clip_dir, tokenizer, embeddings):
     with pinned_numerics():
         model = tiny(clip_dir, tokenizer, finetune_gpt2=False)
