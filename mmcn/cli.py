@@ -648,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--images", nargs="+", help="image files, directories or glob patterns")
     where.add_argument("--lmdb", type=Path, help="an LMDB split folder, e.g. data/lmdb/test")
-    p.add_argument("--model", type=Path, default=Path("models/retrieval"), help="retrieval model folder")
+    p.add_argument("--model", type=Path, default=Path("models/retrieval"),
+                   help="retrieval model folder (models/clip or a Chinese-CLIP folder: reads the pixels, no detector)")
     p.add_argument("--top-k", type=int, default=5, help="how many images to print")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the index of --images is kept, by each file's content (SHA-256) and the model, "

@@ -169,6 +169,37 @@ class RegionChain:
         return out
 
 
+@dataclass
+class Pixels:
+    """One image as a Chinese-CLIP model reads it: its bytes (no detector)."""
+
+    source: str
+    data: bytes
+
+    def item(self) -> dict:
+        return {"image_id": 0, "image": self.data}
+
+
+class PixelChain:
+    """Raw images -> :class:`Pixels` for a Chinese-CLIP model; an image that does not decode
+    (:func:`mmcn.data.image.decode_rgb`) comes back as :class:`Skipped` saying why."""
+
+    def __call__(self, images: Sequence[ImageInput]) -> list[Pixels | Skipped]:
+        from mmcn.data.image import decode_rgb
+
+        out: list[Pixels | Skipped] = []
+        for k, image in enumerate(images):
+            name = f"<bytes #{k}>" if isinstance(image, bytes) else str(image)
+            try:
+                data = image if isinstance(image, bytes) else Path(image).read_bytes()
+                decode_rgb(data)
+            except (OSError, ValueError) as e:
+                out.append(Skipped(name, str(e)))
+                continue
+            out.append(Pixels(name, data))
+        return out
+
+
 # --------------------------------------------------------------------------- the user-facing API
 
 @dataclass
@@ -309,11 +340,25 @@ class Searcher:
     @classmethod
     def from_dir(cls, model_dir: Path | str = "models/retrieval", detector_dir: Path | str | None = "models/detector",
                  chain: ChainConfig | None = None, device: str = "auto", batch_size: int = 64) -> "Searcher":
-        """``chain`` None: the chain recorded in the model folder (:meth:`ChainConfig.of_model`)."""
+        """``chain`` None: the chain recorded in the model folder (:meth:`ChainConfig.of_model`).
+        A Chinese-CLIP folder (task clip, :mod:`mmcn.models.clip`) reads the pixels: no detector."""
+        from mmcn.eval.evaluate import is_clip
+
+        if is_clip(model_dir):
+            from mmcn.models.clip import ClipEncoder
+
+            return cls(ClipEncoder.from_dir(model_dir, pick_device(device)), None, ChainConfig(), batch_size, model_dir)
         if chain is None and detector_dir is not None:
             chain = ChainConfig.of_model(model_dir)
         return cls(RetrievalEncoder.from_dir(model_dir, pick_device(device)), detector_dir, chain, batch_size,
                    model_dir)
+
+    @property
+    def pixels(self) -> bool:
+        """A Chinese-CLIP model: images are read as pixels, without the detector."""
+        from mmcn.models.clip import ClipEncoder
+
+        return isinstance(self.encoder, ClipEncoder)
 
     def _add(self, names: list[str], items: list[dict]) -> None:
         if items:
@@ -327,7 +372,7 @@ class Searcher:
         """What an image's index entry depends on besides the image: the retrieval model's and
         the detector's files (name, size, modification time), the chain settings (with the
         overrides file's), the device type (bf16 on a GPU) and :data:`IndexCache.VERSION`."""
-        if self.model_dir is None or self.detector_dir is None:
+        if self.model_dir is None or (self.detector_dir is None and not self.pixels):
             raise ValueError("caching the image index needs the model and detector folders (Searcher.from_dir)")
 
         def files(folder) -> list:
@@ -336,7 +381,8 @@ class Searcher:
             return [(str(q.relative_to(folder)) if q != folder else q.name, q.stat().st_size, q.stat().st_mtime_ns)
                     for q in paths if q.exists()]
 
-        key = {"version": IndexCache.VERSION, "model": files(self.model_dir), "detector": files(self.detector_dir),
+        key = {"version": IndexCache.VERSION, "model": files(self.model_dir),
+               "detector": files(self.detector_dir) if self.detector_dir is not None else [],
                "chain": dataclasses.asdict(self.chain_cfg),
                "overrides": files(self.chain_cfg.overrides) if self.chain_cfg.overrides else [],
                "device": self.encoder.device.type, "dual_encoder": self.encoder.dual_encoder}
@@ -357,6 +403,8 @@ class Searcher:
         if cache is not None:
             log.info("image index: %d of %d images from the cache %s, %d through the detector", len(entries),
                      len(images), cache.path, len(todo))
+        if todo and self._chain is None and self.pixels:
+            self._chain = PixelChain()
         if todo and self._chain is None:
             if self.detector_dir is None:
                 raise ValueError("indexing raw images needs the detector folder (detector_dir)")
@@ -366,7 +414,7 @@ class Searcher:
             chunk = todo[first:first + self.batch_size]
             regions = self._chain([images[k] for k in chunk])
             skipped += [r for r in regions if isinstance(r, Skipped)]
-            good = [(k, r.item()) for k, r in zip(chunk, regions) if isinstance(r, Regions)]
+            good = [(k, r.item()) for k, r in zip(chunk, regions) if not isinstance(r, Skipped)]
             if good and self.encoder.dual_encoder:
                 good = list(zip([k for k, _ in good], self.encoder.images([item for _, item in good])))
             for k, entry in good:
@@ -387,9 +435,9 @@ class Searcher:
 
     def index_lmdb(self, path: Path | str) -> int:
         """Add every image of an LMDB split (stored features and tags); returns how many."""
-        from mmcn.data.datasets import RetrievalDataset
+        from mmcn.data.datasets import ClipDataset, RetrievalDataset
 
-        data = RetrievalDataset(path)
+        data = ClipDataset(path) if self.pixels else RetrievalDataset(path)
         self.names += [str(i) for i in data.store.image_ids]
         if self.encoder.dual_encoder:
             self.embeddings = np.concatenate([self.embeddings, embed_images(self.encoder, data, self.batch_size)])

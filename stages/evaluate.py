@@ -7,7 +7,8 @@ from pathlib import Path
 
 from common import execution_params, ray_settings, run, stage_params, start, start_ray
 
-from mmcn.eval.evaluate import ClipCapEvalConfig, EvalConfig, evaluate_captions, evaluate_clipcap, evaluate_retrieval
+from mmcn.eval.evaluate import (ClipCapEvalConfig, EvalConfig, evaluate_captions, evaluate_clip, evaluate_clipcap,
+                                evaluate_retrieval)
 from mmcn.settings import build
 
 
@@ -25,7 +26,8 @@ def main() -> None:
     cfg = read_params(task)
     os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     start_ray()
-    run_task = {"caption": evaluate_captions, "retrieval": evaluate_retrieval, "clipcap": evaluate_clipcap}[task]
+    run_task = {"caption": evaluate_captions, "retrieval": evaluate_retrieval, "clipcap": evaluate_clipcap,
+                "clip": evaluate_clip}[task]  # clip: fine-tuned, and zero-shot of the folder it started from
     metrics = run_task(Path(f"models/{task}"), Path("data/lmdb"), Path(f"reports/{task}"), cfg)
     Path("metrics").mkdir(exist_ok=True)
     Path(f"metrics/{task}.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

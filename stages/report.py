@@ -9,10 +9,10 @@ from mmcn.eval.report import ReportConfig, build_report, image_names
 from mmcn.settings import build
 
 METRICS = ("detector", "translate", "train_caption", "train_retrieval", "caption", "retrieval", "train_clipcap",
-           "clipcap")
+           "clipcap", "train_clip", "clip")
 MANIFEST = manifest_path(Path("data/tsv"), "test")  # the test images' file names
 PLOTS = ("detector_loss", "train_caption", "valid_caption", "train_retrieval", "valid_retrieval", "train_clipcap",
-         "valid_clipcap")
+         "valid_clipcap", "train_clip", "valid_clip")
 SIDE_CAPTIONS = {"ClipCap": Path("reports/clipcap/per_image.jsonl")}  # shown beside the Oscar-style caption
 
 

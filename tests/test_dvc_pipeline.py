@@ -35,12 +35,15 @@ TINY = {"demo": {"train": 12, "valid": 4, "test": 4},
         "caption": {"model": {**TINY_MODEL, "init": "models/pretrain"}, "train": TINY_TRAIN, "eval": TINY_EVAL["caption"]},
         "retrieval": {"model": {**TINY_MODEL, "match_weight": 1.0, "init": "models/pretrain"}, "train": TINY_TRAIN,
                       "eval": TINY_EVAL["retrieval"]},
+        "clip": {"model": {"size": "tiny", "image_size": 32, "embed_dim": 32, "max_text_len": 24},
+                 "train": TINY_TRAIN, "eval": {"batch_size": 8}},
         "execution": {"ingest": {"workers": 1}, "train": {"cpus_per_worker": 1}}}
 FINE_TUNE_STAGES = {"train@caption", "train@retrieval", "evaluate@caption", "evaluate@retrieval", "report"}
+CLIP_STAGES = {"train@clip", "evaluate@clip", "report"}  # Chinese-CLIP on pixels: no pretrain, no detector features
 MODEL_STAGES = {"train@pretrain"} | FINE_TUNE_STAGES
 CAPTION_STAGES = {"train@caption", "evaluate@caption", "report"}
 DATA_STAGES = {"demo", "ingest", "detector", "features", "translate", "lmdb"}
-ALL_STAGES = DATA_STAGES | MODEL_STAGES
+ALL_STAGES = DATA_STAGES | MODEL_STAGES | CLIP_STAGES
 
 
 DVC = (sys.executable, "-m", "dvc")
@@ -184,6 +187,18 @@ def test_a_pretrain_param_reruns_pretraining_and_the_fine_tunes_only(repo):
     assert {"valid_mlm_accuracy", "valid_contrast_accuracy_0", "valid_contrast_accuracy_2"} <= set(pretrain)
     set_params(repo, {"pretrain": {"train": {"lr": 0.002}}})
     assert ran(run(repo, *DVC, "repro")) == MODEL_STAGES
+    run(repo, "git", "checkout", "--", "params.yaml", "dvc.lock")
+    run(repo, *DVC, "checkout", "-q")
+
+
+@pytest.mark.slow
+def test_a_clip_param_reruns_clip_its_dependants_and_the_report_only(repo):
+    clip = json.loads((repo / "metrics/clip.json").read_text(encoding="utf-8"))
+    assert {"t2i", "i2t", "mean_recall", "baseline_chance"} <= set(clip) and "zero_shot" not in clip  # from scratch
+    assert (repo / "reports/clip/test_imgs.img_feat.jsonl").is_file()
+    set_params(repo, {"clip": {"train": {"lr": 0.002}}})
+    clipcap = {s for s in ALL_STAGES if s.endswith("@clipcap")}  # ClipCap maps train@clip's image embeddings
+    assert ran(run(repo, *DVC, "repro")) == CLIP_STAGES | clipcap
     run(repo, "git", "checkout", "--", "params.yaml", "dvc.lock")
     run(repo, *DVC, "checkout", "-q")
 

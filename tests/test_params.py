@@ -36,6 +36,8 @@ CHECKED_BY = {
     "caption.eval": ("evaluate", "caption"), "execution.caption.eval": ("evaluate", "caption"),
     "retrieval.eval": ("evaluate", "retrieval"), "execution.retrieval.eval": ("evaluate", "retrieval"),
     "report": ("report",),
+    "clip.model": ("train", "clip"), "clip.train": ("train", "clip"),
+    "clip.eval": ("evaluate", "clip"), "execution.clip.eval": ("evaluate", "clip"),
     "clipcap.model": ("train", "clipcap"), "clipcap.train": ("train", "clipcap"),
     "clipcap.eval": ("evaluate", "clipcap"), "execution.clipcap.eval": ("evaluate", "clipcap"),
 }
@@ -113,6 +115,13 @@ ROWS = [
     ("clipcap.eval.top_p", 1.5), ("clipcap.eval.max_length", 0), ("clipcap.eval.length_penalty", "long"),
     ("clipcap.eval.seed", 1.5), ("clipcap.eval.tokenize", "word"), ("clipcap.eval.batch_size", 0),
     ("clipcap.eval.use_gpu", "no"), ("execution.clipcap.eval.workers", 0),
+    ("clip.model.size", "large"), ("clip.model.init", "no/such/clip"), ("clip.model.image_size", 100),
+    ("clip.model.embed_dim", 0), ("clip.model.max_text_len", 2), ("clip.model.gather_with_grad", "yes"),
+    ("clip.train.epochs", 0), ("clip.train.batch_size", 0), ("clip.train.lr", -1e-3),
+    ("clip.train.weight_decay", -0.1), ("clip.train.warmup_ratio", 1.0), ("clip.train.schedule", "constant"),
+    ("clip.train.grad_accum", 0), ("clip.train.max_grad_norm", 0), ("clip.train.seed", 0.5),
+    ("clip.train.checkpoint_every", 0), ("clip.train.freeze_vision", "true"), ("clip.train.train_fraction", 2),
+    ("clip.eval.batch_size", 0), ("clip.eval.use_gpu", "yes"), ("execution.clip.eval.workers", 0),
 ]
 
 
@@ -138,7 +147,7 @@ def test_every_param_of_params_yaml_has_a_bad_value_in_the_table():
 
 
 FOLDER_PARAMS = ("ingest.src", "detector.weights", "features.source", "caption.model.init", "retrieval.model.init",
-                 "pretrain.model.init", "clipcap.model.init", "clipcap.model.clip")
+                 "pretrain.model.init", "clipcap.model.init", "clipcap.model.clip", "clip.model.init")
 FILE_PARAMS = ("translate.overrides",)
 
 

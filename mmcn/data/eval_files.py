@@ -1,4 +1,6 @@
-"""Evaluation files: caption references and predictions, Chinese-CLIP retrieval predictions, per-image scores.
+"""Evaluation files: caption references and predictions, Chinese-CLIP retrieval predictions and
+feature files (``{split}_imgs.img_feat.jsonl``: ``{"image_id": 1, "feature": [...]}``,
+``{split}_texts.txt_feat.jsonl``: ``{"text_id": 7, "feature": [...]}``), per-image scores.
 
 Caption references, either
   JSONL, one image per line: ``{"image_id": 1, "captions": ["一只猫", ...]}``, or
@@ -180,6 +182,38 @@ def read_retrieval_predictions(path: Path, direction: Direction, k: int = TOP_K,
 def write_retrieval_predictions(path: Path, direction: Direction, rankings: Mapping[int, Sequence[int]]) -> None:
     query_key, ids_key = RETRIEVAL_KEYS[direction]
     _write_jsonl(path, ({query_key: int(q), ids_key: [int(i) for i in ids]} for q, ids in rankings.items()))
+
+
+def feature_paths(out_dir: Path, split: str) -> tuple[Path, Path]:
+    """Chinese-CLIP's feature files of ``split``: ``{split}_imgs.img_feat.jsonl`` and ``{split}_texts.txt_feat.jsonl``."""
+    return Path(out_dir) / f"{split}_imgs.img_feat.jsonl", Path(out_dir) / f"{split}_texts.txt_feat.jsonl"
+
+
+def write_features(path: Path, key: str, ids: Sequence[int], features: Any) -> None:
+    """Chinese-CLIP's ``extract_features.py`` output: a line ``{key: id, "feature": [floats]}``
+    per row of ``features`` (unit-length embeddings); ``key`` is image_id or text_id."""
+    _write_jsonl(path, ({key: int(i), "feature": [float(x) for x in row]} for i, row in zip(ids, features)))
+
+
+def read_features(path: Path, key: str) -> dict[int, list[float]]:
+    """``id -> feature`` of a Chinese-CLIP feature file; a line without an int ``key``, a
+    list of numbers or of another length than the first, or a repeated id is an error."""
+    out: dict[int, list[float]] = {}
+    dim = None
+    with open(path, encoding="utf-8") as f:
+        for line_no, obj in _json_objects(path, f):
+            qid, feat = obj.get(key), obj.get("feature")
+            if type(qid) is not int:
+                raise EvalFileError(f'{path}:{line_no}: "{key}" must be an integer, got {_short(qid)}')
+            if not isinstance(feat, list) or not all(type(x) in (int, float) for x in feat):
+                raise EvalFileError(f'{path}:{line_no}: {key} {qid}: "feature" must be a list of numbers')
+            dim = len(feat) if dim is None else dim
+            if len(feat) != dim:
+                raise EvalFileError(f"{path}:{line_no}: {key} {qid} has {len(feat)} values, the first line {dim}")
+            if qid in out:
+                raise EvalFileError(f"{path}:{line_no}: {key} {qid} appears twice; keep one line per {key}")
+            out[qid] = feat
+    return out
 
 
 def _json_objects(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:

@@ -358,15 +358,21 @@ def evaluate_retrieval(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: Eval
 
 
 def evaluate_clip(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalConfig = EvalConfig(),
-                  init: Path | None = None, split: str = "test") -> dict:
+                  split: str = "test") -> dict:
     """A Chinese-CLIP model's retrieval metrics (:func:`evaluate_retrieval`: recall both ways,
-    prediction and feature files in ``out_dir``) and, when it was fine-tuned from ``init``,
-    the zero-shot metrics of ``init`` itself under ``zero_shot`` (its files in ``out_dir/zero_shot``)."""
+    prediction and feature files in ``out_dir``) and, when it was fine-tuned from a pretrained
+    folder (``model.init`` in its mmcn.json, as train@clip records it), that folder's own
+    zero-shot metrics under ``zero_shot`` (its files in ``out_dir/zero_shot``). No re-ranking."""
     from dataclasses import replace
 
     cfg = replace(cfg, rerank_k=0)
     metrics = evaluate_retrieval(model_dir, lmdb_dir, out_dir, cfg, split)
-    if init is not None:
+    meta = Path(model_dir) / "mmcn.json"
+    init = json.loads(meta.read_text(encoding="utf-8")).get("model", {}).get("init") if meta.is_file() else ""
+    if init:
+        if not (Path(init) / "config.json").is_file():
+            raise FileNotFoundError(f"{meta}: the model was fine-tuned from {init}, which is gone; restore it for "
+                                    "the zero-shot evaluation, or retrain (clip.model.init)")
         zero = evaluate_retrieval(init, lmdb_dir, Path(out_dir) / "zero_shot", cfg, split)
         metrics["zero_shot"] = {k: zero[k] for k in ("t2i", "i2t", "mean_recall")}
         log.info("Chinese-CLIP zero-shot (%s): mean recall %.2f; fine-tuned: %.2f", init, zero["mean_recall"],

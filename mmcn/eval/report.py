@@ -171,6 +171,38 @@ def _family_section(metrics: dict[str, Path]) -> str:
             f'<th>task</th>{head}<th>images</th><th>training s</th></tr>{"".join(rows)}</table></section>')
 
 
+RETRIEVAL_FAMILIES = (("retrieval", "Region dual encoder: region features + Chinese tags"),
+                      ("clip", "Chinese-CLIP: ViT + Chinese BERT on pixels"))
+
+
+def _retrieval_family_section(metrics: dict[str, Path]) -> str:
+    """Retrieval families side by side: recall both ways and mean recall on the same test
+    split by the same metric code (metrics/{task}.json), Chinese-CLIP's zero-shot mean recall
+    when it started from a pretrained folder, and each one's training time."""
+    e = html.escape
+    found = {task: json.loads(Path(metrics[task]).read_text(encoding="utf-8")) for task, _ in RETRIEVAL_FAMILIES
+             if task in metrics and Path(metrics[task]).is_file()}
+    if not found:
+        return ""
+    rows = []
+    for task, label in RETRIEVAL_FAMILIES:
+        if task not in found:
+            continue
+        m, train = found[task], metrics.get(f"train_{task}")
+        seconds = json.loads(Path(train).read_text(encoding="utf-8")).get("seconds") \
+            if train and Path(train).is_file() else None
+        cells = "".join(f"<td>{m[d][k]:.1f}</td>" if k in m.get(d, {}) else "<td>–</td>"
+                        for d in ("t2i", "i2t") for k in ("r1", "r5", "r10"))
+        zero = m.get("zero_shot", {}).get("mean_recall")
+        rows.append(f"<tr><td>{e(label)}</td><td>{e(task)}</td>{cells}<td>{m.get('mean_recall', 0.0):.2f}</td>"
+                    f"<td>{'–' if zero is None else f'{zero:.2f}'}</td><td>{m.get('n_texts', '–')}</td>"
+                    f"<td>{m.get('n_images', '–')}</td><td>{'–' if seconds is None else f'{seconds:.0f}'}</td></tr>")
+    head = "".join(f"<th>{d} R@{k}</th>" for d in ("t2i", "i2t") for k in (1, 5, 10))
+    return (f'<section id="retrieval-families"><h2>Model families: retrieval</h2><table class="metrics"><tr>'
+            f'<th>family</th><th>task</th>{head}<th>mean recall</th><th>zero-shot mean recall</th><th>texts</th>'
+            f'<th>images</th><th>training s</th></tr>{"".join(rows)}</table></section>')
+
+
 def _retrieval_section(store: LmdbStore, t2i: Path, cfg: ReportConfig, names: dict[int, str]) -> tuple[str, int]:
     e = html.escape
     preds = read_retrieval_predictions(t2i, "t2i", k=min(TOP_K, len(store)))  # fewer when the split is small
@@ -290,7 +322,8 @@ def build_report(out: Path, store_dir: Path, caption_dir: Path | None, retrieval
     caption each gallery image shows too; ``metrics`` keys ``caption``/``clipcap`` (and
     ``train_*``) fill the family comparison table."""
     store = LmdbStore(Path(store_dir))
-    sections, counts = [_family_section(metrics), _metrics_section(metrics), _curves_section(plots)], {}
+    sections, counts = [_family_section(metrics), _retrieval_family_section(metrics), _metrics_section(metrics),
+                        _curves_section(plots)], {}
     others = {label: {int(r["image_id"]): r for r in read_caption_scores(Path(path))}
               for label, path in (side_captions or {}).items() if Path(path).is_file()}
     gallery = lambda *args: _caption_section(*args, others=others)  # noqa: E731
@@ -304,6 +337,7 @@ def build_report(out: Path, store_dir: Path, caption_dir: Path | None, retrieval
             log.warning("report: no %s (run the evaluation stage first); that section is left out",
                         Path(folder) / file)
     nav = "".join(f'<a href="#{k}">{k}</a>' for k in (("families",) if sections[0] else ()) + (
+        ("retrieval-families",) if sections[1] else ()) + (
         "metrics", "curves", "captions", "retrieval"))
     page = (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>mmcn report</title>'
             f'<style>{STYLE}</style></head><body><h1>mmcn report: {html.escape(store.path.name)} split</h1>'

@@ -1,7 +1,7 @@
 """Chinese-CLIP on pixels (task ``clip``): transformers' ``ChineseCLIPModel`` (a ViT and a
 Chinese BERT/RoBERTa, each projected to a shared embedding), trained as Chinese-CLIP
 trains it: a symmetric InfoNCE loss over the features of the whole global batch
-(:func:`gather_features`, :func:`contrastive_loss`), a learnable logit scale kept at most
+(:mod:`mmcn.models.contrastive`), a learnable logit scale kept at most
 100 (log value clamped to [0, ln 100] before every training forward, as Chinese-CLIP clamps
 it after every step), optionally with the vision tower frozen.
 
@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from transformers import ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel
 from transformers.utils import ModelOutput
 
+from mmcn.models.contrastive import contrastive_loss, gather_features
+
 # name -> ((text hidden, layers, heads, intermediate), (vision hidden, layers, heads, intermediate), patch)
 CLIP_SIZES = {
-    "tiny": ((64, 2, 2, 128), (64, 2, 2, 128), 16),           # tests and the CPU demo
+    "tiny": ((64, 2, 2, 128), (64, 2, 2, 128), 16),           # tests and the CPU demo (no dropout)
     "small": ((128, 3, 4, 512), (128, 4, 4, 512), 16),
     "medium": ((256, 4, 4, 1024), (256, 6, 4, 1024), 16),
     "base": ((768, 12, 12, 3072), (768, 12, 12, 3072), 16),   # Chinese-CLIP ViT-B/16 + RoBERTa-wwm-base
@@ -66,39 +68,6 @@ class ClipOutput(ModelOutput):
     logits_per_image: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
-
-
-def gather_features(image: torch.Tensor, text: torch.Tensor, with_grad: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every worker's (batch, dim) features concatenated in rank order, as Chinese-CLIP's
-    ``gather_features``: with ``with_grad`` through ``torch.distributed.nn.all_gather``
-    (gradients reach every worker's features), otherwise a plain all-gather with this
-    worker's slot replaced by its own features, so gradients flow to the local part only.
-    One process (no process group, or world size 1): the features themselves."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return image, text
-    if with_grad:
-        import torch.distributed.nn
-
-        return torch.cat(torch.distributed.nn.all_gather(image)), torch.cat(torch.distributed.nn.all_gather(text))
-    world, rank = dist.get_world_size(), dist.get_rank()
-    images, texts = [torch.zeros_like(image) for _ in range(world)], [torch.zeros_like(text) for _ in range(world)]
-    dist.all_gather(images, image.contiguous())
-    dist.all_gather(texts, text.contiguous())
-    images[rank], texts[rank] = image, text
-    return torch.cat(images), torch.cat(texts)
-
-
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
-    """Symmetric InfoNCE over L2-normalised ``image`` and ``text`` features whose row i is a
-    pair: ``(loss, logits_per_image)``, the mean of image->text and text->image cross-entropy
-    of ``logit_scale.exp() * image @ text.T`` against the diagonal."""
-    logits = logit_scale.exp() * image @ text.T
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2, logits
 
 
 class ClipModel(ChineseCLIPModel):
@@ -191,7 +160,8 @@ def build_clip(vocab_size: int, size: str = "tiny", init: str = "", image_size: 
     (th, tl, tn, ti), (vh, vl, vn, vi), patch = CLIP_SIZES[size]
     config = ChineseCLIPConfig(
         text_config={"vocab_size": vocab_size, "hidden_size": th, "num_hidden_layers": tl, "num_attention_heads": tn,
-                     "intermediate_size": ti, "max_position_embeddings": max(512, max_text_len)},
+                     "intermediate_size": ti, "max_position_embeddings": max(512, max_text_len),
+                     **({"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if size == "tiny" else {})},
         vision_config={"hidden_size": vh, "num_hidden_layers": vl, "num_attention_heads": vn, "intermediate_size": vi,
                        "image_size": image_size, "patch_size": patch, "projection_dim": embed_dim},
         projection_dim=embed_dim, **settings)
@@ -304,6 +274,7 @@ class ClipEncoder:
 
     def __init__(self, model, tokenizer, processor):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.tok, self.device = tokenizer, next(model.parameters()).device
 
     @classmethod
     def from_dir(cls, model_dir: Path | str, device: str | torch.device = "cpu") -> "ClipEncoder":
