@@ -114,6 +114,12 @@ def test_extract_shapes_geometry_bad_rows_and_resume(ray_session, detector_dir, 
     assert json.loads((out / "_fingerprint.json").read_text())["settings"]["max_boxes"] == 2
     assert changed["splits"]["train"]["boxes"] == 6
 
+    # an image that cannot fit max_memory_mb even alone: the actor's error, as one line (not Ray's traceback)
+    from mmcn.vision.extract import MemoryBudgetError
+    with pytest.raises(MemoryBudgetError, match=r"^image (11|21) \((train|test) line 1\): .* set features.max_memory_mb to \d+ "
+                       r"or more \(0: no limit\)$"):
+        extract_features(detector_dir, tsv_dir, tmp_path / "tight", ExtractConfig(max_memory_mb=10))
+
 
 @pytest.mark.parametrize("setting, message", [
     ({"workers": 0}, r"^workers: 0 is below 1 \(detector actors\)"),
@@ -201,3 +207,120 @@ def test_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(ray_session, de
     assert {p.relative_to(killed): p.read_bytes() for p in killed.rglob("*") if p.is_file()} == files
     report = json.loads((killed / "features_report.json").read_text())  # every shard's, not only the resumed ones'
     assert report["splits"]["train"]["images"] == 3 and len(report["skipped"]) == 2 and len(report["shards"]) == 6
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+# the small detector's network input for the photo sizes below (DetectorConfig "small": shorter side
+# 192, longer side at most 320, padded to a multiple of 16): (height, width)
+NET = {(128, 96): (192, 256), (96, 128): (256, 192), (120, 80): (192, 288)}
+
+
+@pytest.fixture
+def shapes_tsv(tmp_path):
+    """One split of 9 photos of three sizes (w, h) in an interleaved order, and one bad row."""
+    root = tmp_path / "shapes"
+    root.mkdir()
+    sizes = [(128, 96), (96, 128), (128, 96), (120, 80), (128, 96), (96, 128), (128, 96), (96, 128), (128, 96)]
+    rng = np.random.default_rng(0)
+    with tsv.TsvWriter(tsv.imgs_path(root, "train")) as w:
+        for k, size in enumerate(sizes):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+            w.write(100 + k, __import__("base64").b64encode(buf.getvalue()))
+            if k == 4:
+                w.write(99, __import__("base64").b64encode(b"not an image"))
+    return root, sizes
+
+
+def _extract(detector_dir, tsv_dir, out, **settings):
+    from mmcn.vision.extract import ShardExtractor, ShardTask
+
+    actor = ShardExtractor(str(detector_dir), str(tsv_dir), str(out), asdict_cfg(**settings))
+    calls = []
+    detect = actor.model.detect
+    actor.model.detect = lambda images, **kw: calls.append([tuple(x.tensor.shape[1:]) for x in images]) \
+        or detect(images, **kw)
+    stats = actor.run(ShardTask("train", 0, 0, 10))
+    return actor, calls, stats, region_features.shard_path(out, "train", 0).read_bytes()
+
+
+def asdict_cfg(**settings) -> dict:
+    from dataclasses import asdict
+
+    return asdict(ExtractConfig(**{"min_boxes": 4, "max_boxes": 6, "shard_size": 10, **settings}))
+
+
+def test_batches_hold_one_network_shape_and_leave_the_bytes_alone(detector_dir, shapes_tsv, tmp_path, pinned_torch,
+                                                                  monkeypatch, caplog):
+    """Batches by network shape, capped by batch_size and by max_memory_mb's estimate, halved when the
+    measured peak passes the limit: the shard's bytes are those of batch 1 each time."""
+    from mmcn.vision import extract
+
+    tsv_dir, sizes = shapes_tsv
+    nets = [NET[s] for s in sizes]
+    _, calls, stats, one = _extract(detector_dir, tsv_dir, tmp_path / "b1", batch_size=1, max_memory_mb=0)
+    assert calls == [[s] for s in nets]
+    assert stats["images"] == 9 and [s["image_id"] for s in stats["skipped"]] == [99]
+
+    # batch_size 3: a batch runs when 3 of a shape are pending, the rest at the end, the group holding the
+    # oldest image first (the rule, applied by hand to the order a b a c a - b a b a)
+    a, b, c = NET[(128, 96)], NET[(96, 128)], NET[(120, 80)]
+    _, calls, _, three = _extract(detector_dir, tsv_dir, tmp_path / "b3", batch_size=3, max_memory_mb=0)
+    assert calls == [[a, a, a], [b, b, b], [c], [a, a]]
+    assert three == one
+
+    # max_memory_mb: with the detector's memory taken as 1000 MB, room for 2 images of shape a by the estimate
+    # (input bytes x (1 + the small detector's activation factor))
+    per_image = a[0] * a[1] * 3 * 4 * (1 + extract.ACTIVATION_FACTOR["small"]) / 2 ** 20
+    limit = int(1000 + 2.5 * per_image)
+    monkeypatch.setattr(extract, "rss_mb", lambda: 1000.0)
+    with caplog.at_level(logging.INFO, logger="mmcn.vision.extract"):
+        _, calls, _, budget = _extract(detector_dir, tsv_dir, tmp_path / "mem", batch_size=8, max_memory_mb=limit)
+    assert [len(batch) for batch in calls if batch[0] == a] == [2, 2, 1] and budget == one
+    assert "batches of 256x192 network input held to 2 image(s)" in caplog.text
+
+    # the measured peak passes the limit during every forward: batches halve (8 -> 1 for 2 pending of a shape)
+    peak = iter(range(10 ** 6, 2 * 10 ** 6, 10))
+    monkeypatch.setattr(extract, "peak_rss_mb", lambda: float(next(peak)))
+    with caplog.at_level(logging.WARNING, logger="mmcn.vision.extract"):
+        actor, calls, _, halved = _extract(detector_dir, tsv_dir, tmp_path / "rss", batch_size=4, max_memory_mb=limit)
+    assert max(len(batch) for batch in calls[1:]) == 1 and halved == one
+    assert "passed features.max_memory_mb" in caplog.text and "batches of at most 1 from now on" in caplog.text
+
+
+def test_originals_are_dropped_once_prepared(detector_dir, shapes_tsv, tmp_path, monkeypatch):
+    import weakref
+
+    from mmcn.vision import extract
+
+    tsv_dir, _ = shapes_tsv
+    originals, live_at_detect = [], []
+    decode = extract.decode
+
+    def counting_decode(data, cfg):
+        image = decode(data, cfg)
+        originals.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(extract, "decode", counting_decode)
+    actor = extract.ShardExtractor(str(detector_dir), str(tsv_dir), str(tmp_path / "out"), asdict_cfg(batch_size=8))
+    detect = actor.model.detect
+    actor.model.detect = lambda images, **kw: live_at_detect.append(sum(r() is not None for r in originals)) \
+        or detect(images, **kw)
+    actor.run(extract.ShardTask("train", 0, 0, 10))
+    assert len(originals) == 9  # every good image decoded once
+    assert max(live_at_detect) <= 1  # at most the image being added; the others are network-size copies
+    assert all(r() is None for r in originals)
+
+
+def test_one_image_that_cannot_fit_is_an_error_naming_it_and_the_setting(detector_dir, shapes_tsv, tmp_path,
+                                                                          monkeypatch):
+    from mmcn.vision import extract
+
+    monkeypatch.setattr(extract, "rss_mb", lambda: 1000.0)
+    with pytest.raises(extract.MemoryBudgetError, match=r"^image 100 \(train line 1\): detecting it at 256x192 "
+                       r"network input needs about \d+ MB \(small\) besides the 1000 MB the detector actor holds, "
+                       r"more than features.max_memory_mb=1001: set features.max_memory_mb to \d+ or more"):
+        _extract(detector_dir, shapes_tsv[0], tmp_path / "out", max_memory_mb=1001)
+    assert not list((tmp_path / "out").rglob("*.parquet*"))  # no shard, no temporary file left

@@ -47,7 +47,8 @@ POOLED_DIM = 2048
 FEATURE_DIM = POOLED_DIM + 6
 SHARD_PATTERN = "part-{:05d}.parquet"
 STATS_KEY = b"mmcn.stats"      # Parquet key-value metadata: the producer's JSON stats of the shard
-_TEMP = re.compile(r"\.part-\d+\.parquet\.tmp-(\d+)")  # write_shard's temporary names (pid last)
+_TEMP = re.compile(r"\.part-\d+\.parquet\.tmp-(\d+)")  # ShardWriter's temporary names (pid last)
+ROW_GROUP_ROWS = 64            # rows per Parquet row group (at most 64 x 0.8 MB of features held by a writer)
 
 SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -114,10 +115,7 @@ def splits_in(root: Path) -> list[str]:
     return ordered(p.name for p in Path(root).iterdir() if p.is_dir() and any(p.glob("part-*.parquet")))
 
 
-def write_shard(path: Path, records: list[RegionFeatures], *, stats: dict | None = None) -> None:
-    """Write one shard atomically (temporary name, then rename); ``stats`` (JSON-able, e.g. images,
-    boxes, skipped inputs with reasons) is stored in the file's key-value metadata, so the shard
-    and its statistics are written, and found on disk, together."""
+def _table(records: list[RegionFeatures]) -> pa.Table:
     for r in records:
         r.validate()
     columns = {
@@ -133,13 +131,76 @@ def write_shard(path: Path, records: list[RegionFeatures], *, stats: dict | None
                       for r in records],
         "features": [np.ascontiguousarray(r.features, dtype="<f4").tobytes() for r in records],
     }
-    table = pa.table(columns, schema=SCHEMA)
-    if stats is not None:
-        table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats, ensure_ascii=False)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    return pa.table(columns, schema=SCHEMA)
+
+
+class ShardWriter:
+    """One shard written as its rows come (in stored order), so a producer holds at most
+    :data:`ROW_GROUP_ROWS` records, not a shard of them. Row groups have a fixed number of
+    rows, so the bytes do not depend on how the rows arrived. Atomic: the rows go to a
+    temporary name that :meth:`finish` (with the producer's stats for the footer) renames to
+    ``path``; leaving the ``with`` block without :meth:`finish` (an error) removes it::
+
+        with ShardWriter(path) as shard:
+            shard.write(records)          # any number of times
+            shard.finish(stats)
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows = 0
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._buffer: list[RegionFeatures] = []
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._writer is not None or self._tmp.exists():  # not finished: an error left the block
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self._tmp.unlink(missing_ok=True)
+
+    def write(self, records: Iterable[RegionFeatures]) -> None:
+        """Append rows (checked with :meth:`RegionFeatures.validate` first)."""
+        for r in records:
+            r.validate()
+            self._buffer.append(r)
+        while len(self._buffer) >= ROW_GROUP_ROWS:
+            self._flush(ROW_GROUP_ROWS)
+
+    def _flush(self, n: int) -> None:
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
+        if n:
+            self._writer.write_table(_table(self._buffer[:n]), row_group_size=ROW_GROUP_ROWS)
+            del self._buffer[:n]
+            self.rows += n
+
+    def finish(self, stats: dict | None = None) -> None:
+        """Write the last rows and ``stats`` (JSON-able; read back by :func:`read_footer`), then
+        rename the file to ``path``."""
+        self._flush(len(self._buffer))
+        if stats is not None:
+            self._writer.add_key_value_metadata({STATS_KEY: json.dumps(stats, ensure_ascii=False)})
+        self._writer.close()
+        self._writer = None
+        os.replace(self._tmp, self.path)
+
+
+def write_shard(path: Path, records: list[RegionFeatures], *, stats: dict | None = None) -> None:
+    """Write one shard atomically (temporary name, then rename); ``stats`` (JSON-able, e.g. images,
+    boxes, skipped inputs with reasons) is stored in the file's key-value metadata, so the shard
+    and its statistics are written, and found on disk, together. (:class:`ShardWriter` writes one
+    row by row.)"""
+    for r in records:
+        r.validate()  # before anything is created
+    with ShardWriter(path) as shard:
+        shard.write(records)
+        shard.finish(stats)
 
 
 def read_footer(path: Path) -> tuple[int, dict | None]:
