@@ -249,6 +249,7 @@ def _train_worker(config: dict) -> None:
     from mmcn.models.tokenizer import load_tokenizer
 
     spec, cfg = ModelSpec(**config["spec"]), TrainConfig(**config["cfg"])
+    _quiet_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
@@ -373,6 +374,17 @@ def _train_worker(config: dict) -> None:
                      step, total_steps, sum(recent) / max(len(recent), 1),
                      "".join(f"{k} {v}, " for k, v in valid.items()), when)
         save({"step": step, "epoch": epoch + 1, **valid}, epoch + 1, 0)
+
+
+def _quiet_reports() -> None:
+    """Ray Train's "Reporting training result N: TrainingReport(...)" INFO line at every
+    checkpoint off (the epoch line says it all): Ray names that logger by its file path
+    (``getLogger(__file__)``), outside ``ray.train``, so its LoggingConfig does not reach it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _epoch_timing(step: int, total_steps: int, steps_per_epoch: int, resumed: int, seconds: float) -> str:
