@@ -148,3 +148,4 @@ def quiet_ray_data() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines: execution plans, "finished in"
