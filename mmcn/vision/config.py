@@ -28,6 +28,16 @@ Presets (``detector_config(name)``):
 Feature extraction in both papers uses the RPN proposals as the final boxes (BUTD's
 ``generate_tsv.py``; VinVL's ``TEST.IGNORE_BOX_REGRESSION True``), so both presets set
 ``test_box_regression=False``; the small detector regresses its boxes.
+
+``fidelity`` picks the pre/post-processing rules (see :mod:`mmcn.vision.reference`):
+``"native"`` (torchvision's RPN filtering, rounded bilinear resize, torchvision NMS; the
+demo detector), ``"vinvl"`` (maskrcnn_benchmark / scene_graph_benchmark as they made
+VinVL's released features) or ``"butd"`` (the caffe bottom-up-attention code and its
+``generate_tsv.py``; ``butd_proposals`` chooses caffe's proposal layer or the detectron2
+port's). The BUTD and VinVL presets default to their reference rules. A saved
+``config.json`` that lacks a field (written before the field existed) takes the value of
+the preset it names (``name``), else the dataclass default: an old converted
+``vinvl_x152_c4`` folder loads with ``fidelity="vinvl"``, an old demo folder with ``"native"``.
 """
 from __future__ import annotations
 
@@ -44,6 +54,8 @@ SMALL_ATTRIBUTES = ("red", "green", "blue", "yellow", "purple", "orange", "black
 NORMS = ("bn", "frozen_bn")
 POOLERS = ("align", "pool")
 ANCHOR_STYLES = ("torchvision", "detectron2", "maskrcnn_benchmark")
+FIDELITIES = ("native", "vinvl", "butd")
+BUTD_PROPOSALS = ("caffe", "detectron2")
 
 
 @dataclass(frozen=True)
@@ -123,7 +135,12 @@ class DetectorConfig:
     max_boxes: int = 100
     attr_score_thresh: float = 0.1
     max_attributes: int = 3  # per box
+    max_attributes_per_image: int = 0  # VinVL's MAX_NUM_ATTR_PER_IMG (fidelity "vinvl" only; 0: no cap)
     test_box_regression: bool = True
+
+    # reference fidelity (mmcn.vision.reference): "native" | "vinvl" | "butd"
+    fidelity: str = "native"
+    butd_proposals: str = "caffe"  # fidelity "butd": "caffe" (published BUTD features) | "detectron2" (the port)
 
     def __post_init__(self) -> None:
         checks = [
@@ -131,6 +148,12 @@ class DetectorConfig:
             (self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"),
             (self.pooler in POOLERS, f"pooler must be one of {POOLERS}, got {self.pooler!r}"),
             (self.anchor_style in ANCHOR_STYLES, f"anchor_style must be one of {ANCHOR_STYLES}, got {self.anchor_style!r}"),
+            (self.fidelity in FIDELITIES, f"fidelity must be one of {FIDELITIES}, got {self.fidelity!r}"),
+            (self.butd_proposals in BUTD_PROPOSALS,
+             f"butd_proposals must be one of {BUTD_PROPOSALS}, got {self.butd_proposals!r}"),
+            (self.max_attributes >= 1 and self.max_attributes_per_image >= 0,
+             f"need max_attributes >= 1 and max_attributes_per_image >= 0, got {self.max_attributes}, "
+             f"{self.max_attributes_per_image}"),
             (len(self.classes) > 0 and len(self.attributes) > 0, "classes and attributes must not be empty"),
             (len(self.stage_blocks) == 4 and len(self.stage_planes) == 4, "stage_blocks/stage_planes need 4 entries (res2..res5)"),
             (0 <= self.min_boxes <= self.max_boxes, f"need 0 <= min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}"),
@@ -155,6 +178,19 @@ class DetectorConfig:
         return len(self.anchor_sizes) * len(self.anchor_ratios)
 
     @property
+    def rpn_rule(self) -> str:
+        """How proposals are filtered after decoding (:func:`mmcn.vision.reference.proposals`):
+        ``"torchvision"`` (native), ``"maskrcnn"`` (VinVL), ``"caffe"`` or ``"detectron2"`` (BUTD)."""
+        return {"native": "torchvision", "vinvl": "maskrcnn"}.get(self.fidelity, self.butd_proposals)
+
+    @property
+    def rpn_anchor_style(self) -> str:
+        """Cell anchors the RPN decodes from: caffe's proposal layer uses py-faster-rcnn's
+        ``generate_anchors`` (centred, rounded: the ``"maskrcnn_benchmark"`` style) whatever
+        ``anchor_style`` the converted detectron2 port says."""
+        return "maskrcnn_benchmark" if self.rpn_rule == "caffe" else self.anchor_style
+
+    @property
     def class_labels(self) -> tuple[str, ...]:
         return tuple(display_label(c) for c in self.classes)
 
@@ -171,12 +207,19 @@ class DetectorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DetectorConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error. Missing keys (a config saved
+        before they existed) take the values of the preset named by ``data["name"]`` when there
+        is one, else the dataclass defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"DetectorConfig: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        missing = known - set(values)
+        if missing and data.get("name") in PRESETS:
+            preset = PRESETS[data["name"]]()
+            values.update({k: getattr(preset, k) for k in missing})
+        return cls(**values)
 
 
 def _to_json(value: Any) -> Any:
@@ -227,7 +270,10 @@ def _butd_r101_c4() -> DetectorConfig:
         legacy_plus_one=False,
         roi_smooth_l1_beta=0.0,
         attr_score_thresh=0.1,
+        max_attributes=1,  # generate_tsv's followers: the argmax attribute, shown above 0.1
         test_box_regression=False,
+        fidelity="butd",
+        butd_proposals="caffe",
     )
 
 
@@ -270,8 +316,11 @@ def _vinvl_x152_c4() -> DetectorConfig:
         roi_positive_fraction=0.5,
         legacy_plus_one=True,
         roi_smooth_l1_beta=1.0,
-        attr_score_thresh=0.05,
+        attr_score_thresh=0.05,  # POSTPROCESS_ATTRIBUTES_THRESHOLD
+        max_attributes=16,  # sg_defaults MAX_NUM_ATTR_PER_OBJ
+        max_attributes_per_image=100,  # sg_defaults MAX_NUM_ATTR_PER_IMG
         test_box_regression=False,
+        fidelity="vinvl",
     )
 
 

@@ -38,6 +38,11 @@ Design decisions, with the reasons:
   probability > ``attr_score_thresh``, the embedding fed with the detected class.
 - An image whose RPN returns no proposal gets the whole image as its only proposal, so
   ``detect`` never returns an empty result for it.
+- ``config.fidelity`` other than ``"native"`` (the BUTD and VinVL presets) swaps in the
+  reference code's rules, from :mod:`mmcn.vision.reference`: resizing inside
+  :meth:`Detector.prepare` (so callers that prepare images get it too), proposal filtering,
+  +1-area NMS, box selection, the class the attribute head embeds and attribute selection.
+  The rules above are the native ones (the demo detector).
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou, roi_align, roi_pool
 
+from mmcn.vision import reference
 from mmcn.vision.config import DetectorConfig, detector_config
 
 FEATURE_STRIDE = 16  # res4 (RPN input and RoI pooling) is 1/16 of the network input
@@ -265,7 +271,7 @@ class RPNHead(nn.Module):
 
 def build_rpn(config: DetectorConfig, in_channels: int) -> RegionProposalNetwork:
     rpn = RegionProposalNetwork(
-        CellAnchorGenerator(config.anchor_sizes, config.anchor_ratios, config.anchor_style),
+        CellAnchorGenerator(config.anchor_sizes, config.anchor_ratios, config.rpn_anchor_style),
         RPNHead(in_channels, config.rpn_channels, config.num_anchors),
         fg_iou_thresh=config.rpn_fg_iou, bg_iou_thresh=config.rpn_bg_iou,
         batch_size_per_image=config.rpn_batch_per_image, positive_fraction=config.rpn_positive_fraction,
@@ -550,15 +556,22 @@ class Detector(nn.Module):
         c = self.config
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"expected an RGB image tensor of shape (3, H, W), got {tuple(image.shape)}")
+        h, w = (int(v) for v in image.shape[-2:])
+        if c.fidelity == "vinvl":  # D2: truncating size, PIL's antialiased bilinear on 8-bit pixels
+            nh, nw = reference.vinvl_size(h, w, c.min_size, c.max_size)
+            x = reference.vinvl_resize(image, (nh, nw)).to(self.pixel_mean.device)
+            return NetInput(x.flip(0) if c.input_format == "BGR" else x, (nw / w, nh / h), (h, w))
         x = image.to(device=self.pixel_mean.device, dtype=torch.float32)
         if c.input_format == "BGR":
             x = x.flip(0)
-        h, w = x.shape[-2:]
+        if c.fidelity == "butd":  # D3: caffe's scale, sampled at exactly that scale
+            s, size = reference.caffe_scale(h, w, c.min_size, c.max_size)
+            return NetInput(reference.caffe_resize(x, s, size), (s, s), (h, w))
         scale = min(c.min_size / min(h, w), c.max_size / max(h, w))
         nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
         if (nh, nw) != (h, w):
             x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-        return NetInput(x, (nw / w, nh / h), (int(h), int(w)))
+        return NetInput(x, (nw / w, nh / h), (h, w))
 
     def preprocess(self, images: list[Tensor | NetInput], targets: list[dict[str, Tensor]] | None = None
                    ) -> tuple[ImageList, list[dict[str, Tensor]] | None, list[tuple[float, float]]]:
@@ -641,32 +654,50 @@ class Detector(nn.Module):
             images = [self.prepare(image) for image in images]
             image_list, _, scales = self.preprocess(images)
             features = self.backbone(image_list.tensors)
-            proposals, _ = self.rpn(image_list, {"res4": features})
+            if c.fidelity == "native":
+                proposals, _ = self.rpn(image_list, {"res4": features})
+            else:
+                proposals = reference.proposals(self.rpn, image_list, features, c.rpn_rule, scales)
             proposals = [p if len(p) else p.new_tensor([[0.0, 0.0, float(w), float(h)]])
                          for p, (h, w) in zip(proposals, image_list.image_sizes)]
             x = self.roi_heads.box_features(features, proposals)
             class_logits, deltas = self.roi_heads.box_predictor(x)
-            probs = F.softmax(class_logits, dim=1)[:, 1:]
+            probs_all = F.softmax(class_logits, dim=1)
             counts = [len(p) for p in proposals]
             picks = []
-            for props, p, d, x_i, (h, w) in zip(proposals, probs.split(counts), deltas.split(counts),
-                                                x.split(counts), image_list.image_sizes):
+            for props, p_all, d, x_i, (h, w), scale in zip(proposals, probs_all.split(counts), deltas.split(counts),
+                                                           x.split(counts), image_list.image_sizes, scales):
+                p = p_all[:, 1:]
                 if regress:
                     boxes = self.roi_heads.decode(d, props)
                     boxes = _clip(boxes, h, w, c.legacy_plus_one).expand(len(props), c.num_classes, 4)
                 else:
                     boxes = props[:, None, :].expand(len(props), c.num_classes, 4)
-                keep, label, score = select_detections(boxes, p, score_thresh, nms_thresh, min_boxes, max_boxes)
-                picks.append((boxes[keep, label], label, score, x_i[keep]))
+                embed = None
+                if c.fidelity == "native":
+                    keep, label, score = select_detections(boxes, p, score_thresh, nms_thresh, min_boxes, max_boxes)
+                elif c.fidelity == "vinvl":  # D6 (+1 NMS, CUDA kernel) on network-input boxes
+                    survived = reference.per_class_nms_plus_one(boxes, p, nms_thresh, "cuda")
+                    keep, label, score = reference.select_vinvl(survived, p, score_thresh, min_boxes, max_boxes)
+                else:  # butd: generate_tsv's NMS (+1, cpu_nms) runs on boxes in image pixels
+                    sx, sy = scale
+                    in_image = boxes[:, 0] if not regress else boxes
+                    in_image = in_image / in_image.new_tensor([sx, sy, sx, sy])
+                    in_image = in_image[:, None, :].expand_as(boxes) if not regress else in_image
+                    survived = reference.per_class_nms_plus_one(in_image, p, nms_thresh, "cpu")
+                    keep, label, score = reference.select_butd(survived, p, score_thresh, min_boxes, max_boxes)
+                    embed = reference.butd_embedding_labels(p_all[keep])  # D4
+                picks.append((boxes[keep, label], label, score, x_i[keep], embed))
             if regress:  # features of the regressed boxes, as the final boxes moved
                 feats = self.roi_heads.box_features(features, [b for b, *_ in picks]).split([len(b) for b, *_ in picks])
             else:
-                feats = [f for *_, f in picks]
+                feats = [pick[3] for pick in picks]
             results = []
-            for (boxes, label, score, _), feat, (sx, sy), image in zip(picks, feats, scales, images):
-                attr_ids, attr_scores = self._attributes(feat, label + 1)
+            for (boxes, label, score, _, embed), feat, scale, image, net_size in zip(
+                    picks, feats, scales, images, image_list.image_sizes):
+                attr_ids, attr_scores = self._attributes(feat, label + 1 if embed is None else embed)
                 height, width = image.original_size
-                boxes = boxes / boxes.new_tensor([sx, sy, sx, sy])
+                boxes = reference.image_to_original(boxes, c.fidelity, scale, (height, width), net_size)
                 boxes = _clip(boxes, height, width, False)
                 results.append(Detections(boxes=boxes.float(), scores=score.float(), labels=label,
                                           attr_ids=attr_ids, attr_scores=attr_scores,
@@ -676,9 +707,13 @@ class Detector(nn.Module):
             self.train(was_training)
 
     def _attributes(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(ids, scores) (n, k) padded with -1 / 0; ``labels``: the native labels embedded."""
         c = self.config
+        logits = self.roi_heads.attribute_predictor(features, labels)
+        if c.fidelity == "vinvl":  # D7
+            return reference.vinvl_attributes(logits, c.attr_score_thresh, c.max_attributes, c.max_attributes_per_image)
         k = min(c.max_attributes, c.num_attributes)
-        probs = F.softmax(self.roi_heads.attribute_predictor(features, labels), dim=1)[:, 1:]
+        probs = F.softmax(logits, dim=1)[:, 1:]
         scores, ids = probs.topk(k, dim=1) if len(probs) else (probs[:, :k], probs[:, :k].long())
         ok = scores > c.attr_score_thresh
         return torch.where(ok, ids, torch.full_like(ids, -1)), torch.where(ok, scores, torch.zeros_like(scores))
