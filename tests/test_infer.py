@@ -223,3 +223,30 @@ def test_search_caches_the_image_index_by_file_content_and_model(chain_project, 
     config.write_bytes(config.read_bytes())  # the same bytes, a new file: the model may have changed
     index()
     assert len(detected) == 4 and len(list(cache.glob("*.npz"))) == 2
+
+
+def test_the_index_cache_file_keeps_embeddings_and_matcher_items_without_pickle(tmp_path, caplog):
+    import numpy as np
+    import torch
+
+    from mmcn.infer import IndexCache
+
+    cache = IndexCache(tmp_path / "c", "dual")
+    rows = {"a" * 64: np.arange(4, dtype=np.float32), "b" * 64: np.ones(4, np.float32)}
+    cache.save(rows)
+    got = cache.load()
+    assert list(got) == list(rows) and all(np.array_equal(got[k], rows[k]) for k in rows)
+
+    items = {"c" * 64: {"image_id": 7, "tags": "红色 圆形", "features": torch.rand(3, 2054)},
+             "d" * 64: {"image_id": -2, "tags": "", "features": torch.rand(1, 2054)}}
+    matcher = IndexCache(tmp_path / "c", "matcher")
+    matcher.save(items)
+    with np.load(matcher.path, allow_pickle=False) as z:  # plain arrays only
+        assert sorted(z.files) == ["features", "image_id", "offsets", "sha256", "tags"]
+    back = matcher.load()
+    for key, item in items.items():
+        assert back[key]["image_id"] == item["image_id"] and back[key]["tags"] == item["tags"]
+        assert torch.equal(back[key]["features"], item["features"])
+
+    matcher.path.write_bytes(b"not a zip")  # a damaged file: indexed again, with a warning
+    assert matcher.load() == {} and "unreadable" in caplog.text
