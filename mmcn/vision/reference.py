@@ -73,6 +73,10 @@ BUTD (``fidelity="butd"``: peteanderson80/bottom-up-attention, ``lib/fast_rcnn/t
   background included, per proposal (:func:`butd_embedding_labels`); the attribute is the
   argmax of the softmax with "no attribute" dropped after the softmax, kept above 0.1.
 
+Both references run one image per forward (VinVL's ``TEST.IMS_PER_BATCH 1``, caffe's single
+blob): a batch must hold images of one network shape (the features stage batches so), since
+padding changes the convolutions at a smaller image's border and adds anchors beyond it.
+
 What stays float rounding, or unverifiable here: sigmoid (VinVL, mmcn) vs caffe's 2-way
 softmax for the RPN score ranks the same boxes except on float ties; score ties are
 ordered by a stable sort here (the references' sorts are not stable); JPEG decoders
