@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pybase64
-from tqdm import tqdm
 
 from mmcn.data import image as imagelib
 from mmcn.data import raw, tsv
@@ -47,6 +46,7 @@ from mmcn.data.chain import write_chain
 from mmcn.data.ingest_report import IngestReport, Skip, printable
 from mmcn.data.jsonl import loads
 from mmcn.data.outputs import pid_alive, replace_folder
+from mmcn.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class _Runner:
                      if cfg.workers > 1 else None)
 
     def map(self, tasks: Iterable[_Task], total: int, desc: str) -> Iterator[_Result]:
-        bar = tqdm(total=total, desc=desc, unit="img", disable=None, mininterval=1.0)
+        bar = Progress(total, desc, "img", log)  # a bar on a terminal, log lines otherwise
         it = iter(tasks)
         while window := list(itertools.islice(it, _WINDOW)):
             results = (self.pool.imap(_process_in_worker, window, chunksize=16) if self.pool is not None
