@@ -7,6 +7,9 @@ import os
 import sys
 import threading
 import time
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 # seconds between two progress lines when stderr is not a terminal (MMCN_PROGRESS_INTERVAL overrides)
 PROGRESS_INTERVAL = 30.0
@@ -110,6 +113,13 @@ class Progress:
         if (tenth or now - self._last >= self.interval) and (not self.total or self.done < self.total):
             self._last = now
             self.log.info("%s", self.line())
+
+    def iterate(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, each counted as it is taken; the final line once they are all taken."""
+        with self:
+            for item in items:
+                yield item
+                self.update()
 
     def close(self) -> None:
         """The final line (counts, time, rate), in both modes."""

@@ -75,6 +75,18 @@ def test_warmup_leaves_startup_out_of_the_rate_and_tenths_false_keeps_intervals_
                              f"ETA {duration(4 * (100 - n))}" for n in (16, 31)]
 
 
+def test_iterate_counts_what_is_taken_and_closes(clock, caplog):
+    caplog.set_level(logging.INFO, logger="test.progress")
+    bar = Progress(None, "translate test", "img", logging.getLogger("test.progress"), interval=1e9, tty=False)
+    def images():
+        for k in range(7):
+            clock.now += 1.0
+            yield k
+
+    assert list(bar.iterate(images())) == list(range(7))
+    assert bar.done == 7 and lines(caplog) == ["translate test: 7 img in 7s, 1 img/s"]
+
+
 def test_threads_may_share_one(clock):
     bar = Progress(4000, "lmdb", "img", logging.getLogger("test.progress"), tty=False)
     workers = [threading.Thread(target=lambda: [bar.update() for _ in range(1000)]) for _ in range(4)]

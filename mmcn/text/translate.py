@@ -19,11 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, Sequence
 
-from tqdm import tqdm
-
 from mmcn.data import features as region_features
 from mmcn.data.chain import read_chain, write_chain
 from mmcn.data.tags import ImageTags, tags_path, write_tags
+from mmcn.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +175,7 @@ def translate_features(features_dir: Path, out_dir: Path, table: LabelTable,
     for split in splits:
         records = region_features.iter_columns(features_dir, split, ("image_id", "classes", "attributes"))
         results[split] = [translator.image(r["image_id"], r["classes"], r["attributes"])
-                          for r in tqdm(records, desc=f"translate {split}", unit="img", leave=False)]
+                          for r in Progress(None, f"translate {split}", "img", log).iterate(records)]
     summary = translator.summary()
     if cfg.unknown == "error" and any(summary["unknown_labels"].values()):
         listing = "; ".join(f"{k}s: " + ", ".join(f"{label!r} ×{n}" for label, n in c.items())
