@@ -181,9 +181,17 @@ def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, stor
 
 def export(model, tokenizer_dir: Path, out_dir: Path, metadata: dict) -> None:
     """``save_pretrained`` layout: config.json + model.safetensors + tokenizer + mmcn.json."""
+    from transformers.utils import logging as hf_logging
+
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar of one shard says nothing
+    try:
+        model.save_pretrained(str(tmp))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, tmp / f.name)
     (tmp / "mmcn.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
