@@ -122,7 +122,14 @@ def accumulated_step(model, batches: list[dict], autocast) -> torch.Tensor:
     """One optimizer step's gradients over ``batches`` (``grad_accum`` micro-batches) as one
     contrastive batch, Chinese-CLIP's ``accum_freq``: the features of all of them without
     gradient first, then per micro-batch its own with gradient in their place and a
-    backward of the whole loss. Returns the loss (of the last pass)."""
+    backward of the whole loss (so the weights get the gradient of one big batch, and the
+    logit scale, in every pass, ``grad_accum`` times it, as in Chinese-CLIP's loop).
+    Returns the loss (of the last pass)."""
+    if len(batches) == 1:  # no accumulation: the batch is the contrastive batch
+        with autocast:
+            loss = model(**batches[0]).loss
+        loss.backward()
+        return loss.detach()
     core = model.module if hasattr(model, "module") else model
     with torch.no_grad(), autocast:
         feats = [core.features(b["input_ids"], b["attention_mask"], b["pixel_values"]) for b in batches]
