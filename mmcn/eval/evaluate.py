@@ -99,10 +99,13 @@ class ModelActor:
     """A Ray Data actor holding one model (:mod:`mmcn.models.inference`) and the store; ``mode`` picks the job."""
 
     def __init__(self, model_dir: str, store_path: str, cfg: dict, mode: str):
+        from transformers.utils import logging as hf_logging
+
         from mmcn.data.datasets import CaptionDataset, RetrievalDataset
         from mmcn.models.inference import CaptionGenerator, Decoding, RetrievalEncoder
         from mmcn.models.runtime import pick_device
 
+        hf_logging.disable_progress_bar()  # this actor's process: a "Loading weights" bar per load says nothing
         self.cfg, self.mode = (ClipCapEvalConfig if mode == "clipcap" else EvalConfig)(**cfg), mode
         device = pick_device("auto" if self.cfg.use_gpu else "cpu")
         if mode == "embed" and is_clip(model_dir):  # Chinese-CLIP on the stored image bytes
