@@ -324,3 +324,17 @@ def test_one_image_that_cannot_fit_is_an_error_naming_it_and_the_setting(detecto
                        r"more than features.max_memory_mb=1001: set features.max_memory_mb to \d+ or more"):
         _extract(detector_dir, shapes_tsv[0], tmp_path / "out", max_memory_mb=1001)
     assert not list((tmp_path / "out").rglob("*.parquet*"))  # no shard, no temporary file left
+
+
+def test_peak_memory_is_measured_from_a_reset():
+    """The guard's measurement: the peak since reset_peak_rss, not the process's lifetime peak."""
+    from mmcn.vision import extract
+
+    block = np.ones(300 * 2 ** 20 // 8)  # 300 MB, touched
+    del block
+    extract.reset_peak_rss()
+    start = extract.rss_mb()
+    assert extract.peak_rss_mb() < start + 100  # the 300 MB peak before the reset is forgotten
+    block = np.ones(200 * 2 ** 20 // 8)
+    assert extract.peak_rss_mb() >= start + 190
+    del block

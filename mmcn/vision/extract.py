@@ -58,7 +58,7 @@ REPORT = "features_report.json"
 # input (padded pixels x 3 channels x 4 bytes), per DetectorConfig.name: measured by
 # bench/features.py (peak RSS of a batch-1 forward less the RSS before it; the RoI head on
 # 300 proposals dominates the real detectors). Other architectures get the largest.
-ACTIVATION_FACTOR = {"small": 50.0, "butd_r101_c4": 390.0, "vinvl_x152_c4": 260.0}
+ACTIVATION_FACTOR = {"small": 50.0, "butd_r101_c4": 390.0, "vinvl_x152_c4": 310.0}
 WINDOW = 2   # images wait for others of their network shape: at most WINDOW x the batch cap pending
 # the settings that change only speed, memory or the device, not the features (left out of fingerprint)
 SPEED_SETTINGS = ("workers", "use_gpu", "cpus_per_worker", "batch_size", "max_memory_mb")
@@ -236,8 +236,7 @@ class Batches:
         self.base_mb = rss_mb() if base_mb is None else base_mb
         self.max_batch = cfg.batch_size   # halved when the measured peak RSS passes max_memory_mb
         self.pending: dict[tuple[int, int], list[_Pending]] = {}
-        self.batch_sizes: list[int] = []  # of every forward run (for logs and tests)
-        self._told: set = set()
+        self._told: set = set()  # what was logged already
 
     # ---- sizes and the memory estimate
 
@@ -314,7 +313,6 @@ class Batches:
         reset_peak_rss()
         dets = self.model.detect([p.x for p in chunk], min_boxes=cfg.min_boxes, max_boxes=cfg.max_boxes,
                                  score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh)
-        self.batch_sizes.append(n)
         peak = peak_rss_mb()  # of this forward
         if cfg.max_memory_mb and peak > cfg.max_memory_mb:
             if n > 1:
@@ -322,7 +320,8 @@ class Batches:
                 log.warning("features: peak memory %.0f MB passed features.max_memory_mb=%d in a batch of %d "
                             "image(s) of %dx%d: batches of at most %d from now on", peak, cfg.max_memory_mb, n,
                             shape[1], shape[0], self.max_batch)
-            else:
+            elif "over at 1" not in self._told:
+                self._told.add("over at 1")
                 log.warning("features: peak memory %.0f MB passed features.max_memory_mb=%d with one image of %dx%d "
                             "per batch: raise features.max_memory_mb or run fewer workers", peak,
                             cfg.max_memory_mb, shape[1], shape[0])
