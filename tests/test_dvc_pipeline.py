@@ -37,13 +37,16 @@ TINY = {"demo": {"train": 12, "valid": 4, "test": 4},
                       "eval": TINY_EVAL["retrieval"]},
         "clip": {"model": {"size": "tiny", "image_size": 32, "embed_dim": 32, "max_text_len": 24},
                  "train": TINY_TRAIN, "eval": {"batch_size": 8}},
+        "clipcap": {"model": {"size": "tiny", "prefix_len": 2, "max_text_len": 24}, "train": TINY_TRAIN,
+                    "eval": {"num_beams": 1, "max_length": 6, "batch_size": 8}},
         "execution": {"ingest": {"workers": 1}, "train": {"cpus_per_worker": 1}}}
 FINE_TUNE_STAGES = {"train@caption", "train@retrieval", "evaluate@caption", "evaluate@retrieval", "report"}
 CLIP_STAGES = {"train@clip", "evaluate@clip", "report"}  # Chinese-CLIP on pixels: no pretrain, no detector features
 MODEL_STAGES = {"train@pretrain"} | FINE_TUNE_STAGES
 CAPTION_STAGES = {"train@caption", "evaluate@caption", "report"}
 DATA_STAGES = {"demo", "ingest", "detector", "features", "translate", "lmdb"}
-ALL_STAGES = DATA_STAGES | MODEL_STAGES | CLIP_STAGES
+CLIPCAP_STAGES = {"train@clipcap", "evaluate@clipcap", "report"}  # ClipCap on train@clip's model (models/clip)
+ALL_STAGES = DATA_STAGES | MODEL_STAGES | CLIP_STAGES | CLIPCAP_STAGES
 
 
 DVC = (sys.executable, "-m", "dvc")
@@ -113,13 +116,18 @@ def test_repro_end_to_end_then_nothing(repo):
     assert list(repo.glob(".ray_results/caption-*/tokenizer")) and not list(repo.glob("models/*/state.pt"))
     caption = json.loads((repo / "metrics/caption.json").read_text(encoding="utf-8"))
     assert {"Bleu_4", "CIDEr", "baseline_most_frequent_caption"} <= set(caption) and caption["n_images"] == 4
+    clipcap = json.loads((repo / "metrics/clipcap.json").read_text(encoding="utf-8"))  # the same keys: metrics show
+    scores = lambda m: {k for k in m if k.startswith(("Bleu", "ROUGE", "CIDEr", "METEOR"))}  # noqa: E731
+    assert scores(clipcap) == scores(caption) and clipcap["n_images"] == 4
+    assert 'id="families"' in (repo / "reports/index.html").read_text(encoding="utf-8")
     retrieval = json.loads((repo / "metrics/retrieval.json").read_text(encoding="utf-8"))
     assert {"t2i", "i2t", "mean_recall", "baseline_chance"} <= set(retrieval)
     assert (repo / "reports/caption/predictions.jsonl").is_file()
     assert (repo / "reports/retrieval/t2i_predictions.jsonl").is_file()
     assert (repo / "reports/index.html").read_text(encoding="utf-8").count('class="card"') == 4
     shown = run(repo, *DVC, "metrics", "show")
-    for name in ("detector.json", "translate.json", "train_caption.json", "caption.json", "retrieval.json"):
+    for name in ("detector.json", "translate.json", "train_caption.json", "caption.json", "retrieval.json",
+                 "clipcap.json"):
         assert name in shown
 
     assert ran(run(repo, *DVC, "repro")) == set()
@@ -143,6 +151,12 @@ def test_mmcn_caption_on_a_raw_test_image_after_repro(repo):
     mmcn = str(Path(sys.executable).parent / "mmcn")
     path, caption, score = run(repo, mmcn, "caption", image, stdout_only=True).rstrip("\n").split("\t")
     assert (path, caption) == (image, predicted[manifest[0]["image_id"]]) and float(score) < 0
+    # ClipCap on the raw file (its CLIP, no detector) says what evaluate@clipcap said of the stored bytes
+    clipcap = {p["image_id"]: p["caption"] for p in map(json.loads, (repo / "reports/clipcap/predictions.jsonl")
+                                                        .read_text(encoding="utf-8").splitlines())}
+    path, caption, _ = run(repo, mmcn, "caption", "--model", "models/clipcap", image,
+                           stdout_only=True).rstrip("\n").split("\t")
+    assert (path, caption) == (image, clipcap[manifest[0]["image_id"]])
     hits = run(repo, mmcn, "search", "一个红色的圆形", "--lmdb", "data/lmdb/test", "--top-k", "2", stdout_only=True)
     assert [line.split("\t")[0] for line in hits.splitlines()] == ["1", "2"]
 
