@@ -340,3 +340,12 @@ def test_report_compares_the_caption_families(tmp_path):
         card = page[page.index(f"区域模型的描述{k}"):]
         assert card.index(f"前缀模型的描述{k}") < card.index("</article>")
         assert f"ClipCap</b> 前缀模型的描述{k} <span class=\"scores\">CIDEr-D {0.75 + k:.3f}" in card
+
+
+def test_a_clipcap_model_that_ignores_the_images_is_told_to_look_at_its_clip():
+    from mmcn.eval.evaluate import caption_warnings
+
+    (same,) = caption_warnings({i: "一只猫" for i in range(3)}, "clipcap")
+    assert "CLIP image embeddings" in same and "region features" not in same
+    (empty,) = caption_warnings({i: "" for i in range(3)}, "clipcap")
+    assert "metrics/train_clipcap.json" in empty

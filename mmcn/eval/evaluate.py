@@ -193,20 +193,23 @@ def most_frequent_caption(store: LmdbStore) -> str:
     return store.text_str(counts.most_common(1)[0][0])
 
 
-def caption_warnings(captions: dict[int, str]) -> list[str]:
+def caption_warnings(captions: dict[int, str], task: str = "caption") -> list[str]:
     """What a caption model's output says about the model itself: more than half of the
-    captions empty, or one caption for more than half of the images (it ignores them)."""
+    captions empty, or one caption for more than half of the images (it ignores them).
+    ``task``: caption (reads region features) | clipcap (reads CLIP image embeddings)."""
+    inputs = "CLIP image embeddings (models/clip: train@clip's valid recall)" if task == "clipcap" else \
+        "region features"
     n = len(captions)
     empty = sum(1 for c in captions.values() if not c.strip())
     out = []
     if empty * 2 > n:
         out.append(f"{empty} of {n} generated captions are empty: the model has learnt (almost) nothing to say; look "
-                   "at its training loss (metrics/train_caption.json), train longer or on more captions")
+                   f"at its training loss (metrics/train_{task}.json), train longer or on more captions")
     same = Counter(c for c in captions.values() if c.strip()).most_common(1)
     if same and same[0][1] * 2 > n:
         out.append(f"one caption, {same[0][0]!r}, was generated for {same[0][1]} of {n} images: the model ignores the "
                    "images (it learnt the most likely caption only); train longer or on more captions, and check "
-                   "that the region features differ between images")
+                   f"that the {inputs} differ between images")
     return out
 
 
@@ -250,7 +253,7 @@ def evaluate_captions(model_dir: Path, lmdb_dir: Path, out_dir: Path,
     write_caption_scores(out_dir / "per_image.jsonl", (
         {"image_id": i, "caption": captions[i], "references": refs[i],
          **{k: round(float(v), 6) for k, v in per_image.get(i, {}).items() if k != "image_id"}} for i in refs))
-    warnings = caption_warnings(captions)
+    warnings = caption_warnings(captions, mode)
     unknown = oov(load_tokenizer(model_dir), [c for i in scored for c in refs[i]])
     metrics = {**{k: round(scores.corpus[k], 6) for k in METRICS},
                "baseline_most_frequent_caption": {**{k: round(baseline.corpus[k], 6) for k in METRICS},
