@@ -338,3 +338,28 @@ def test_peak_memory_is_measured_from_a_reset():
     block = np.ones(200 * 2 ** 20 // 8)
     assert extract.peak_rss_mb() >= start + 190
     del block
+
+
+def test_a_shard_written_row_by_row_has_the_bytes_of_one_written_at_once(tmp_path):
+    """The extractor streams rows into ShardWriter: row groups of a fixed size, so the bytes do not
+    depend on how the rows came; the stats are in the footer as write_shard puts them."""
+    rng = np.random.default_rng(3)
+    records = []
+    for k in range(region_features.ROW_GROUP_ROWS * 2 + 5):  # two full row groups and a part
+        n = int(rng.integers(1, 5))
+        boxes = np.sort(rng.uniform(0, 90, (n, 4)).astype(np.float32), axis=1)
+        records.append(region_features.RegionFeatures(
+            k, 100, 90, boxes, ["circle"] * n, np.full(n, 0.5, np.float32),
+            region_features.region_features(rng.standard_normal((n, 2048)).astype(np.float32), boxes, 100, 90)))
+    stats = {"split": "train", "index": 0, "images": len(records), "skipped": [], "boxes": 7}
+    whole = region_features.shard_path(tmp_path / "whole", "train", 0)
+    region_features.write_shard(whole, records, stats=stats)
+    streamed = region_features.shard_path(tmp_path / "streamed", "train", 0)
+    with region_features.ShardWriter(streamed) as shard:
+        for r in records:
+            shard.write([r])
+        shard.finish(stats)
+    assert streamed.read_bytes() == whole.read_bytes()
+    assert region_features.read_footer(streamed) == (len(records), stats)
+    assert [r.image_id for r in region_features.read_shard(streamed)] == list(range(len(records)))
+    assert os.listdir(streamed.parent) == [streamed.name]  # no temporary file left

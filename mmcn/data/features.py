@@ -164,7 +164,8 @@ class ShardWriter:
             self._tmp.unlink(missing_ok=True)
 
     def write(self, records: Iterable[RegionFeatures]) -> None:
-        """Append rows (checked with :meth:`RegionFeatures.validate` first)."""
+        """Append rows, each checked with :meth:`RegionFeatures.validate` (the file is created by the
+        first full row group or by :meth:`finish`: a bad record in a small shard leaves nothing)."""
         for r in records:
             r.validate()
             self._buffer.append(r)
@@ -196,8 +197,6 @@ def write_shard(path: Path, records: list[RegionFeatures], *, stats: dict | None
     boxes, skipped inputs with reasons) is stored in the file's key-value metadata, so the shard
     and its statistics are written, and found on disk, together. (:class:`ShardWriter` writes one
     row by row.)"""
-    for r in records:
-        r.validate()  # before anything is created
     with ShardWriter(path) as shard:
         shard.write(records)
         shard.finish(stats)
