@@ -244,10 +244,10 @@ def test_training_loop_and_evaluation_end_to_end(ray_session, clip_dir, tmp_path
         build_lmdb(d["tsv"], tmp_path / f"built-{split}", d["features"], d["tags"])
         (tmp_path / f"built-{split}" / split).rename(lmdb / split)
     settings = {"clip": str(clip_dir), "mapping": "mlp", "prefix_len": 2, "max_text_len": 16, "finetune_gpt2": True}
-    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, workers=0, checkpoint_every=100)
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, workers=0, checkpoint_every=100)
     summary = train(ModelSpec("clipcap", "tiny", settings=settings), lmdb, tmp_path / "model", cfg, tmp_path / "ray")
     steps = len(LmdbStore(lmdb / "train").pairs) // 4
-    assert summary["steps"] == 2 * steps and [v["epoch"] for v in summary["valid"]] == [1, 2]
+    assert summary["steps"] == steps == len(summary["train"]) and [v["epoch"] for v in summary["valid"]] == [1]
     assert {"valid_loss", "valid_token_accuracy"} <= set(summary["valid"][-1])
     caches = sorted(p.name for p in (tmp_path / "ray" / summary["run"] / "clip-embeddings").iterdir())
     assert caches == ["train.safetensors", "valid.safetensors"]
