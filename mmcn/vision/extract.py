@@ -56,9 +56,10 @@ FINGERPRINT = "_fingerprint.json"
 REPORT = "features_report.json"
 # Peak activation memory of one image's detector forward on CPU, in bytes per byte of network
 # input (padded pixels x 3 channels x 4 bytes), per DetectorConfig.name: measured by
-# bench/features.py (peak RSS of a batch-1 forward less the RSS before it; the RoI head on
-# 300 proposals dominates the real detectors). Other architectures get the largest.
-ACTIVATION_FACTOR = {"small": 50.0, "butd_r101_c4": 390.0, "vinvl_x152_c4": 310.0}
+# bench/features.py --photos (peak RSS of a batch-1 forward less the RSS before it, at 600x800
+# for the real detectors: BUTD 389-410, VinVL 307-310, small 49-53 at 192x256 over runs; the
+# RoI head on 300 proposals dominates the real detectors). Other architectures get the largest.
+ACTIVATION_FACTOR = {"small": 50.0, "butd_r101_c4": 410.0, "vinvl_x152_c4": 310.0}
 WINDOW = 2   # images wait for others of their network shape: at most WINDOW x the batch cap pending
 # the settings that change only speed, memory or the device, not the features (left out of fingerprint)
 SPEED_SETTINGS = ("workers", "use_gpu", "cpus_per_worker", "batch_size", "max_memory_mb")
