@@ -16,12 +16,14 @@ Settings are checked by :class:`ExtractConfig` and inputs before anything is cle
 Memory is bounded per actor, whatever the shard size and the photos' size (:class:`Batches`):
 each image is decoded and at once resized to the network input (``Detector.prepare``), the
 full-size original dropped; images wait in a small window for others of the same padded
-network shape and go through the detector in batches of one shape (no padding beyond the
-detector's own, so a batch gives each image the bytes it gets alone: tested), at most
-``batch_size`` of them and as many as ``max_memory_mb`` allows by an estimate (input bytes
-x a per-architecture activation factor, :data:`ACTIVATION_FACTOR`); when the actor's peak
-RSS still passes ``max_memory_mb`` the batches are halved. Records stream into the shard
-(:class:`mmcn.data.features.ShardWriter`) in TSV order.
+network shape and go through the detector in batches of one shape, so no padding beyond the
+detector's own: on CPU a batch gives each image the bytes it gets alone (tested; only an
+image left with 3 boxes or fewer can differ, in the last bit, as BLAS takes another kernel
+for so few rows). A batch holds at most ``batch_size`` images and as many as
+``max_memory_mb`` allows by an estimate (input bytes x a per-architecture activation factor,
+:data:`ACTIVATION_FACTOR`); when a forward's measured peak RSS still passes ``max_memory_mb``
+the batches are halved. Records stream into the shard (:class:`mmcn.data.features.ShardWriter`)
+in TSV order.
 """
 from __future__ import annotations
 
