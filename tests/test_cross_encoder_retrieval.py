@@ -77,7 +77,7 @@ def test_evaluation_ranks_every_pair_by_the_cross_encoder(ray_session, matcher_o
     assert metrics["ranker"] == "cross_encoder" and metrics["rerank_k"] == 0
     assert "dual_encoder" not in metrics and "reranked" not in metrics
     assert metrics["n_texts"] == 15 and metrics["n_images"] == 12 and metrics["pairs_scored"] == 180
-    assert "rerank_k 3 is ignored" in caplog.text and "180/180 pairs (100%)" in caplog.text
+    assert "rerank_k 3 is ignored" in caplog.text and "cross-encoder: 180/180 pair (100%)" in caplog.text
 
     scores = direct_scores(matcher_only)
     for axis in (0, 1):  # no near-ties either way: other batchings' float noise (< 1e-6) cannot reorder

@@ -275,6 +275,7 @@ def test_batches_hold_one_network_shape_and_leave_the_bytes_alone(detector_dir, 
     per_image = a[0] * a[1] * 3 * 4 * (1 + extract.ACTIVATION_FACTOR["small"]) / 2 ** 20
     limit = int(1000 + 2.5 * per_image)
     monkeypatch.setattr(extract, "rss_mb", lambda: 1000.0)
+    monkeypatch.setattr(extract, "peak_rss_mb", lambda: 1000.0)  # the forward's peak: not this process's real one
     with caplog.at_level(logging.INFO, logger="mmcn.vision.extract"):
         _, calls, _, budget = _extract(detector_dir, tsv_dir, tmp_path / "mem", batch_size=8, max_memory_mb=limit)
     assert [len(batch) for batch in calls if batch[0] == a] == [2, 2, 1] and budget == one
