@@ -220,8 +220,9 @@ def _detector_dir(value: str) -> Path:
 def _detector_arch(value: str):
     """``--arch``: a preset name, or a detector config.json file (its DetectorConfig)."""
     from mmcn.vision.config import PRESETS, DetectorConfig
+    from mmcn.vision.grid import GRID_ARCH
 
-    if value in PRESETS:
+    if value in PRESETS or value == GRID_ARCH:
         return value
     if value.endswith(".json") and Path(value).is_file():
         try:
@@ -236,11 +237,19 @@ def _cmd_convert_detector(args: argparse.Namespace) -> int:
 
     from mmcn.vision.convert import convert_detector
     from mmcn.vision.detector import save_detector
+    from mmcn.vision.grid import GRID_ARCH, convert_grid
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         if not args.force:
             raise ValueError(f"{args.out}: exists and is not empty; pass --force to replace it")
         shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()
+    if args.arch == GRID_ARCH:  # no-weights fallback: an ImageNet classifier on grid boxes (as the stage does)
+        if args.labels:
+            raise ValueError(f"--labels: {GRID_ARCH} tags regions with the ImageNet classes of the checkpoint's fc layer")
+        model = convert_grid(args.weights)
+        save_detector(model, args.out)
+        print(json.dumps({"out": str(args.out), "arch": GRID_ARCH, "model": model.config.to_dict()}, ensure_ascii=False))
+        return 0
     conversion = convert_detector(args.weights, args.arch, args.labels)  # logs the summary and the assumptions
     save_detector(conversion.model, args.out)
     print(json.dumps({"out": str(args.out), "arch": conversion.model.config.name, "checkpoint": conversion.info.as_dict(),
@@ -697,8 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
             "mmcn.vision.load_detector."))
     p.add_argument("weights", type=Path, help="checkpoint file")
     p.add_argument("--arch", required=True, type=_detector_arch,
-                   help=f"detector.arch preset ({', '.join(PRESETS)}), or a detector config.json (as "
-                        f"save_detector writes) for an architecture no preset has")
+                   help=f"detector.arch preset ({', '.join(PRESETS)}), grid_resnet (a torchvision ImageNet "
+                        f"ResNet/ResNeXt checkpoint on grid boxes: README 'No detector weights'), or a detector "
+                        f"config.json (as save_detector writes) for an architecture no preset has")
     p.add_argument("--out", type=Path, default=Path("models/detector"), help="detector folder to write")
     p.add_argument("--force", action="store_true", help="replace OUT when it exists and is not empty")
     p.set_defaults(func=_cmd_convert_detector)

@@ -268,3 +268,22 @@ def test_a_half_precision_checkpoint_converts_to_float32(tmp_path):
     for k, v in model.state_dict().items():
         got = grid.body.state_dict()[k]
         assert got.dtype == v.dtype and torch.equal(got, v.half().to(v.dtype) if v.is_floating_point() else v), k
+
+
+def test_convert_detector_cli_writes_a_grid_folder(tmp_path, capsys):
+    """`mmcn convert-detector W --arch grid_resnet`: the stage's grid conversion outside DVC; the
+    folder's weights are the checkpoint's own (DataParallel prefix stripped) and it detects."""
+    import json
+
+    from mmcn.cli import main as cli_main
+
+    model, path = tiny_resnext(tmp_path)
+    assert cli_main(["convert-detector", str(path), "--arch", "grid_resnet", "--out", str(tmp_path / "det")]) == 0
+    assert json.loads(capsys.readouterr().out)["arch"] == "grid_resnet"
+    loaded = load_detector(tmp_path / "det")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.body.state_dict()[k], v), k
+    det = loaded.detect([random_image(3, 50, 70)])[0]
+    assert len(det) == det.features.shape[0] and det.features.shape[1] == 2048
+    assert cli_main(["convert-detector", str(path), "--arch", "grid_resnet", "--out", str(tmp_path / "det"),
+                     "--labels", str(path)]) == 2  # exists (no --force) / labels refused: a user error either way
