@@ -76,6 +76,14 @@ def set_params(repo: Path, changes: dict) -> None:
     path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
 
+def restore(repo: Path) -> None:
+    """Back to the committed run: params and lock from git, cached outputs by `dvc checkout`, and
+    the uncached ones (metrics/, plots/: `cache: false`, which DVC cannot restore) from git too;
+    left changed, they would make their stages rerun in the next test."""
+    run(repo, "git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots")
+    run(repo, *DVC, "checkout", "-q")
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
@@ -190,8 +198,7 @@ def test_experiment_workflow(repo):
     set_params(repo, {"caption": {"train": {"lr": 0.002}}, "report": {"queries": 2}})
     assert ran(run(repo, *DVC, "repro", "-s", "report")) == {"report"}
     assert "train@caption" in run(repo, *DVC, "status")
-    run(repo, "git", "checkout", "--", "params.yaml", "dvc.lock")
-    run(repo, *DVC, "checkout", "-q")
+    restore(repo)
 
 
 @pytest.mark.slow
@@ -201,8 +208,7 @@ def test_a_pretrain_param_reruns_pretraining_and_the_fine_tunes_only(repo):
     assert {"valid_mlm_accuracy", "valid_contrast_accuracy_0", "valid_contrast_accuracy_2"} <= set(pretrain)
     set_params(repo, {"pretrain": {"train": {"lr": 0.002}}})
     assert ran(run(repo, *DVC, "repro")) == MODEL_STAGES
-    run(repo, "git", "checkout", "--", "params.yaml", "dvc.lock")
-    run(repo, *DVC, "checkout", "-q")
+    restore(repo)
 
 
 @pytest.mark.slow
@@ -213,8 +219,7 @@ def test_a_clip_param_reruns_clip_its_dependants_and_the_report_only(repo):
     set_params(repo, {"clip": {"train": {"lr": 0.002}}})
     clipcap = {s for s in ALL_STAGES if s.endswith("@clipcap")}  # ClipCap maps train@clip's image embeddings
     assert ran(run(repo, *DVC, "repro")) == CLIP_STAGES | clipcap
-    run(repo, "git", "checkout", "--", "params.yaml", "dvc.lock")
-    run(repo, *DVC, "checkout", "-q")
+    restore(repo)
 
 
 @pytest.mark.slow
