@@ -211,7 +211,19 @@ class Caption:
     error: str = ""                   # why the image was skipped ("" when captioned)
 
 
-class Captioner:
+class _CaptionerBase:
+    """What every captioner shares: calling it gives the captions, or an error naming each bad image."""
+
+    def __call__(self, images: Sequence[ImageInput]) -> list[str]:
+        """Captions of ``images``; a bad image raises ValueError naming it (see :meth:`caption`)."""
+        results = self.caption(images)
+        bad = [f"{r.source}: {r.error}" for r in results if r.error]
+        if bad:
+            raise ValueError("cannot caption " + "; ".join(bad))
+        return [r.caption for r in results]
+
+
+class Captioner(_CaptionerBase):
     """Raw images -> Chinese captions with a trained caption model and the pipeline's detector.
 
     >>> captioner = Captioner.from_dir("models/caption", detector_dir="models/detector")
@@ -248,16 +260,9 @@ class Captioner:
                     results.append(Caption(r.source, c, s, [t for t in r.tags.tags if t]))
         return results
 
-    def __call__(self, images: Sequence[ImageInput]) -> list[str]:
-        """Captions of ``images``; a bad image raises ValueError naming it (see :meth:`caption`)."""
-        results = self.caption(images)
-        bad = [f"{r.source}: {r.error}" for r in results if r.error]
-        if bad:
-            raise ValueError("cannot caption " + "; ".join(bad))
-        return [r.caption for r in results]
 
 
-class ClipCapCaptioner:
+class ClipCapCaptioner(_CaptionerBase):
     """Raw images -> Chinese captions with a ClipCap model (:mod:`mmcn.models.clipcap`): its own
     CLIP reads the pixels, so no detector, tags or region features are involved.
 
@@ -300,14 +305,6 @@ class ClipCapCaptioner:
             done = iter(zip(names, captions, scores))
             results += [r if r is not None else Caption(*next(done)) for r in out]
         return results
-
-    def __call__(self, images: Sequence[ImageInput]) -> list[str]:
-        """Captions of ``images``; a bad image raises ValueError naming it (see :meth:`caption`)."""
-        results = self.caption(images)
-        bad = [f"{r.source}: {r.error}" for r in results if r.error]
-        if bad:
-            raise ValueError("cannot caption " + "; ".join(bad))
-        return [r.caption for r in results]
 
 
 @dataclass
