@@ -15,7 +15,7 @@ BERT-base caption / retrieval models' training step, plus a short CPU-vs-GPU cor
     classes), and (``--det-mode``) the network alone: ``detect`` without the box selection.
     With ``--device cpu`` it times the same on the CPU.
 (b) ``--part train``: synthetic batches made by the real collators
-    (:class:`mmcn.models.inputs.CaptionCollator` / ``RetrievalCollator``, with a stand-in
+    (:class:`mmcn.models.regions.inputs.CaptionCollator` / ``RetrievalCollator``, with a stand-in
     tokenizer over bert-base-chinese's 21128 ids) fed to the models of
     ``mmcn.models.factory.build_model`` at ``--size base``, trained as
     ``mmcn.train.loop`` does (AdamW with the decay / no-decay groups, linear warmup
@@ -313,7 +313,7 @@ def make_items(n: int, rng: np.random.Generator, max_regions: int) -> list[dict]
 
 
 def make_batches(task: str, config, batch: int, count: int, seed: int) -> list[dict]:
-    from mmcn.models.inputs import CaptionCollator, RetrievalCollator
+    from mmcn.models.regions.inputs import CaptionCollator, RetrievalCollator
 
     rng = np.random.default_rng(seed)
     tok = StandInTokenizer()

@@ -30,7 +30,8 @@ from mmcn.data.lmdb_store import LmdbStore
 from mmcn.data.tags import ImageTags, tags_path, write_tags
 from mmcn.models.factory import build_model
 from mmcn.models.tokenizer import build_tokenizer
-from mmcn.train.loop import ModelSpec, TrainConfig, _task_data, train
+from mmcn.models.factory import family
+from mmcn.train.loop import ModelSpec, TrainConfig, train
 
 LAYOUT = {"max_text_len": 40, "max_tag_len": 30, "max_regions": 20}
 WORDS = "一个 两只 红色的 蓝色的 小狗 男人 女人 汽车 在 草地上 街道上 奔跑 站着 旁边 有 桌子 上面 放着 杯子".split()
@@ -85,7 +86,7 @@ def plain_loop(task: str, size: str, lmdb_dir: Path, batch: int, steps: int, thr
     store = LmdbStore(lmdb_dir / "train")
     tokenizer = build_tokenizer([t.text for t in store.texts()] + ["棕色 狗"])
     model = build_model(task, len(tokenizer), size, **LAYOUT).to(device).train()
-    dataset, collate = _task_data(task, lmdb_dir / "train", tokenizer, model.config, TrainConfig())
+    dataset, collate = family(task).task_data(task, lmdb_dir / "train", tokenizer, model.config, TrainConfig())
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=collate, drop_last=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if device == "cuda":

@@ -6,7 +6,7 @@ images with trained models; they are imported on first use, so ``import mmcn`` s
 __version__ = "0.1.0"
 
 _LAZY = {"Captioner": "mmcn.infer", "Searcher": "mmcn.infer", "ChainConfig": "mmcn.infer",
-         "Decoding": "mmcn.models.inference"}
+         "Decoding": "mmcn.models.regions.inference"}
 
 
 def __getattr__(name: str):

@@ -175,7 +175,7 @@ def _cmd_verify_lmdb(args: argparse.Namespace) -> int:
 
 def _cmd_export_model(args: argparse.Namespace) -> int:
     from mmcn.models.factory import load_model
-    from mmcn.models.oscar import export
+    from mmcn.models.regions.oscar import export
     from mmcn.models.tokenizer import load_tokenizer
 
     try:
@@ -257,6 +257,23 @@ def _cmd_convert_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_clip(args: argparse.Namespace) -> int:
+    import shutil
+
+    from mmcn.models.pixels.clip import convert_cn_clip
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        if not args.force:
+            raise ValueError(f"{args.out}: exists and is not empty; pass --force to replace it")
+        shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()
+    model = convert_cn_clip(args.checkpoint, args.out, args.vocab)
+    print(json.dumps({"out": str(args.out), "image_size": model.config.vision_config.image_size,
+                      "embed_dim": model.config.projection_dim,
+                      "vision_layers": model.config.vision_config.num_hidden_layers,
+                      "text_layers": model.config.text_config.num_hidden_layers}))
+    return 0
+
+
 def _chain_settings(args: argparse.Namespace):
     """``(chain, decoding)`` for `caption` / `search`. The chain (ingest.max_side, features.*,
     translate.*): from ``--params`` when given, else None, which means the settings recorded in
@@ -313,7 +330,7 @@ def _clipcap_decoding(args: argparse.Namespace):
     or of ./params.yaml when there is one, else the library's; ``--num-beams`` wins (beam search)."""
     import yaml
 
-    from mmcn.models.clipcap import ClipCapDecoding
+    from mmcn.models.pixels.clipcap import ClipCapDecoding
     from mmcn.settings import build
 
     if getattr(args, "decoding", None):
@@ -333,7 +350,7 @@ def _clipcap_decoding(args: argparse.Namespace):
 
 def _cmd_caption(args: argparse.Namespace) -> int:
     from mmcn.infer import Captioner, ClipCapCaptioner, expand_images
-    from mmcn.models.clipcap import is_clipcap_dir
+    from mmcn.models.pixels.clipcap import is_clipcap_dir
 
     paths, missing = expand_images(args.images)
     _report_skipped(missing)
@@ -712,6 +729,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("models/detector"), help="detector folder to write")
     p.add_argument("--force", action="store_true", help="replace OUT when it exists and is not empty")
     p.set_defaults(func=_cmd_convert_detector)
+    p = sub.add_parser(
+        "convert-clip", help="a Chinese-CLIP .pt checkpoint (cn_clip's format) -> a Hugging Face Chinese-CLIP folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Read an OFA-Sys/Chinese-CLIP checkpoint (clip_cn_vit-b-16.pt ...: its ViT and RoBERTa sizes from the "
+            "tensors' shapes, every key mapped) and write OUT as ChineseCLIPModel.save_pretrained + its tokenizer "
+            "(cn_clip's vocab.txt) + Chinese-CLIP's image processor: a folder for clip.model.init, "
+            "clipcap.model.clip, `mmcn search --model` and ChineseCLIPModel.from_pretrained. (A folder holding the "
+            ".pt and its vocab.txt is read as it is too, converted on each load.)"))
+    p.add_argument("checkpoint", type=Path, help="cn_clip checkpoint (.pt)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.add_argument("--vocab", type=Path, default=None,
+                   help="cn_clip's vocab.txt (default: the vocab.txt next to the checkpoint)")
+    p.add_argument("--force", action="store_true", help="replace OUT when it exists and is not empty")
+    p.set_defaults(func=_cmd_convert_clip)
+
     for name in ("inspect-detector", "convert-detector"):
         sub.choices[name].add_argument(
             "--labels", type=Path, nargs="+", default=[],

@@ -12,7 +12,7 @@ image stored in the LMDB, as long as the settings match the pipeline's params.
 * :class:`Searcher`: rank images (raw files or an LMDB split) for a Chinese query; the
   index of raw files can be cached on disk (:class:`IndexCache`), so a second query over the
   same images only encodes the text.
-The models themselves run through :mod:`mmcn.models.inference` (also used by the
+The models themselves run through :mod:`mmcn.models.regions.inference` (also used by the
 evaluation stage and the training loop's validation).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from mmcn.data.features import RegionFeatures
 from mmcn.data.image import FEATURES_MAX_PIXELS, normalize
 from mmcn.data.raw import IMAGE_EXTENSIONS
 from mmcn.data.tags import ImageTags, tag_text
-from mmcn.models.inference import CaptionGenerator, Decoding, RetrievalEncoder, embed_images
+from mmcn.models.regions.inference import CaptionGenerator, Decoding, RetrievalEncoder, embed_images
 from mmcn.models.runtime import pick_device
 from mmcn.text.translate import Entry, LabelTable, TranslateConfig, Translator
 from mmcn.vision.extract import ExtractConfig, decode, detect_regions
@@ -263,7 +263,7 @@ class Captioner(_CaptionerBase):
 
 
 class ClipCapCaptioner(_CaptionerBase):
-    """Raw images -> Chinese captions with a ClipCap model (:mod:`mmcn.models.clipcap`): its own
+    """Raw images -> Chinese captions with a ClipCap model (:mod:`mmcn.models.pixels.clipcap`): its own
     CLIP reads the pixels, so no detector, tags or region features are involved.
 
     >>> ClipCapCaptioner.from_dir("models/clipcap")(["photo.jpg"])
@@ -276,8 +276,8 @@ class ClipCapCaptioner(_CaptionerBase):
     @classmethod
     def from_dir(cls, model_dir: Path | str = "models/clipcap", decoding=None, device: str = "auto",
                  batch_size: int = 16) -> "ClipCapCaptioner":
-        """``decoding``: a :class:`mmcn.models.clipcap.ClipCapDecoding` (None: its defaults)."""
-        from mmcn.models.clipcap import ClipCapDecoding, ClipCapGenerator
+        """``decoding``: a :class:`mmcn.models.pixels.clipcap.ClipCapDecoding` (None: its defaults)."""
+        from mmcn.models.pixels.clipcap import ClipCapDecoding, ClipCapGenerator
 
         return cls(ClipCapGenerator.from_dir(model_dir, decoding or ClipCapDecoding(), pick_device(device)),
                    batch_size)
@@ -338,11 +338,11 @@ class Searcher:
     def from_dir(cls, model_dir: Path | str = "models/retrieval", detector_dir: Path | str | None = "models/detector",
                  chain: ChainConfig | None = None, device: str = "auto", batch_size: int = 64) -> "Searcher":
         """``chain`` None: the chain recorded in the model folder (:meth:`ChainConfig.of_model`).
-        A Chinese-CLIP folder (task clip, :mod:`mmcn.models.clip`) reads the pixels: no detector."""
-        from mmcn.eval.evaluate import is_clip
+        A Chinese-CLIP folder (task clip, :mod:`mmcn.models.pixels.clip`) reads the pixels: no detector."""
+        from mmcn.models.factory import saved_task
 
-        if is_clip(model_dir):
-            from mmcn.models.clip import ClipEncoder
+        if saved_task(model_dir) == "clip":
+            from mmcn.models.pixels.clip import ClipEncoder
 
             return cls(ClipEncoder.from_dir(model_dir, pick_device(device)), None, ChainConfig(), batch_size, model_dir)
         if chain is None and detector_dir is not None:
@@ -353,7 +353,7 @@ class Searcher:
     @property
     def pixels(self) -> bool:
         """A Chinese-CLIP model: images are read as pixels, without the detector."""
-        from mmcn.models.clip import ClipEncoder
+        from mmcn.models.pixels.clip import ClipEncoder
 
         return isinstance(self.encoder, ClipEncoder)
 
@@ -368,7 +368,12 @@ class Searcher:
     def identity(self) -> str:
         """What an image's index entry depends on besides the image: the retrieval model's and
         the detector's files (name, size, modification time), the chain settings (with the
-        overrides file's), the device type (bf16 on a GPU) and :data:`IndexCache.VERSION`."""
+        overrides file's), the device type (bf16 on a GPU), the code that computes an entry
+        (this module's and the model family's files, :func:`mmcn.provenance.code_files`: an
+        upgrade of mmcn indexes again) and :data:`IndexCache.VERSION`."""
+        from mmcn import provenance
+        from mmcn.models.factory import family_code
+
         if self.model_dir is None or (self.detector_dir is None and not self.pixels):
             raise ValueError("caching the image index needs the model and detector folders (Searcher.from_dir)")
 
@@ -382,7 +387,9 @@ class Searcher:
                "detector": files(self.detector_dir) if self.detector_dir is not None else [],
                "chain": dataclasses.asdict(self.chain_cfg),
                "overrides": files(self.chain_cfg.overrides) if self.chain_cfg.overrides else [],
-               "device": self.encoder.device.type, "dual_encoder": self.encoder.dual_encoder}
+               "device": self.encoder.device.type, "dual_encoder": self.encoder.dual_encoder,
+               "code": provenance.digests(provenance.code_files(__name__) +
+                                          family_code("clip" if self.pixels else "retrieval"))}
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def index_images(self, images: Sequence[ImageInput], cache_dir: Path | str | None = None) -> list[Skipped]:
@@ -432,7 +439,8 @@ class Searcher:
 
     def index_lmdb(self, path: Path | str) -> int:
         """Add every image of an LMDB split (stored features and tags); returns how many."""
-        from mmcn.data.datasets import ClipDataset, RetrievalDataset
+        from mmcn.models.pixels.datasets import ClipDataset
+        from mmcn.models.regions.datasets import RetrievalDataset
 
         data = ClipDataset(path) if self.pixels else RetrievalDataset(path)
         self.names += [str(i) for i in data.store.image_ids]

@@ -44,7 +44,7 @@ class SettingsError(ValueError):
 def _fields(config_class) -> dict[str, tuple[Any, Any]]:
     """``name -> (annotation, default)`` of a dataclass, or of the annotated ``__init__``
     parameters of a class and of its mmcn base classes (a transformers config such as
-    :class:`mmcn.models.caption.CaptionConfig`, whose ``**kwargs`` go to BERT's)."""
+    :class:`mmcn.models.regions.caption.CaptionConfig`, whose ``**kwargs`` go to BERT's)."""
     passes_on = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(config_class.__init__).parameters.values())
     if dataclasses.is_dataclass(config_class) and not passes_on:
         hints = get_type_hints(config_class)

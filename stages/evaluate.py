@@ -7,14 +7,14 @@ from pathlib import Path
 
 from common import execution_params, ray_settings, run, stage_params, start, start_ray
 
-from mmcn.eval.evaluate import (ClipCapEvalConfig, EvalConfig, evaluate_captions, evaluate_clip, evaluate_clipcap,
-                                evaluate_retrieval)
+from mmcn.eval.evaluate import eval_config, evaluate_captions, evaluate_clip, evaluate_clipcap, evaluate_retrieval
 from mmcn.settings import build
 
 
-def read_params(task: str) -> EvalConfig | ClipCapEvalConfig:
-    config_class = ClipCapEvalConfig if task == "clipcap" else EvalConfig  # clipcap: beam | top_k | top_p decoding
-    cfg = build(config_class, (f"{task}.eval", stage_params(f"{task}.eval")),
+def read_params(task: str):
+    """``{task}.eval`` (+ ``execution.{task}.eval``) as the task's settings class (clipcap: beam |
+    top_k | top_p decoding; the others: mmcn.eval.evaluate.EvalConfig), checked."""
+    cfg = build(eval_config(task), (f"{task}.eval", stage_params(f"{task}.eval")),
                 (f"execution.{task}.eval", execution_params(f"{task}.eval")))
     ray_settings()
     return cfg

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from common import execution_params, ray_settings, run, stage_params, start, start_ray
 
-from mmcn.models.base import SIZES
-from mmcn.models.factory import TASKS
+from mmcn.models.factory import SIZES, family
 from mmcn.settings import build, expect
 from mmcn.train.loop import ModelSpec, TrainConfig, train
 
@@ -22,12 +21,20 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def init_dir(folder: Path | None) -> str:
-    """``{task}.model.init``: a model folder to start from, or one without ``config.json`` (the
+def init_dir(folder: Path | None, task: str) -> str:
+    """``{task}.model.init``: a model folder to start from (``config.json``; for clip also a folder
+    holding a Chinese-CLIP ``.pt`` and its vocab.txt, converted on load), or one with neither (the
     repository's data/init/{task}: train from scratch). It is a dep of the stage in dvc.yaml."""
-    if folder is None or not (folder / "config.json").is_file():
+    if folder is None:
         return ""
-    return str(folder)
+    if (folder / "config.json").is_file():
+        return str(folder)
+    if task == "clip" and any(folder.glob("*.pt")):
+        if not (folder / "vocab.txt").is_file():
+            raise FileNotFoundError(f"clip.model.init: {folder} holds a Chinese-CLIP checkpoint but no vocab.txt; put "
+                                    "Chinese-CLIP's vocab.txt (cn_clip/clip/vocab.txt of its code) next to it")
+        return str(folder)
+    return ""
 
 
 def read_params(task: str) -> tuple[ModelSpec, TrainConfig, Path]:
@@ -38,8 +45,9 @@ def read_params(task: str) -> tuple[ModelSpec, TrainConfig, Path]:
     expect(model, section, "init", path="dir", optional=True)  # a model folder, or data/init/{task} (scratch)
     if task == "clipcap":  # the CLIP folder whose embeddings it maps (models/clip: train@clip's model, a dep)
         expect(model, section, "clip", path="dir")
-    build(TASKS[task][0], (section, model), own=("size", "init"))  # the task config's checks (types, ranges, choices)
-    init = init_dir(Path(model["init"]) if model["init"] else None)
+    # the task config's checks (types, ranges, choices)
+    build(family(task).CONFIGS[task], (section, model), own=("size", "init"))
+    init = init_dir(Path(model["init"]) if model["init"] else None, task)
     settings = {k: v for k, v in model.items() if k not in ("size", "init")}
     cfg = build(TrainConfig, (f"{task}.train", stage_params(f"{task}.train")), ("train", stage_params("train")),
                 ("execution.train", execution_params("train")))

@@ -74,8 +74,8 @@ def trained(lmdb_dir, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_a_tiny_clip_overfits_a_handful_of_pairs(trained, lmdb_dir):
-    from mmcn.data.datasets import ClipDataset
-    from mmcn.models.clip import ClipEncoder
+    from mmcn.models.pixels.datasets import ClipDataset
+    from mmcn.models.pixels.clip import ClipEncoder
 
     model_dir, summary = trained
     assert summary["steps"] == 60 and summary["train"][-1]["loss"] < summary["train"][0]["loss"]
@@ -92,7 +92,7 @@ def test_the_folder_loads_with_plain_transformers(trained, lmdb_dir):
     from PIL import Image
     from transformers import AutoTokenizer, ChineseCLIPImageProcessor, ChineseCLIPModel
 
-    from mmcn.models.clip import image_embeddings, load_clip, pixel_values
+    from mmcn.models.pixels.clip import image_embeddings, load_clip, pixel_values
 
     model_dir, _ = trained
     plain = ChineseCLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
@@ -137,7 +137,7 @@ def save_hf_clip(folder: Path, texts: list[str]) -> None:
     tokenizer, the image processor): what a downloaded chinese-clip-vit-base-patch16 looks like."""
     from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
-    from mmcn.models.clip import image_processor
+    from mmcn.models.pixels.clip import image_processor
     from mmcn.models.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(texts)
@@ -156,7 +156,7 @@ def save_hf_clip(folder: Path, texts: list[str]) -> None:
 def test_zero_shot_and_fine_tuned_from_a_saved_hf_folder_with_chinese_clip_files(lmdb_dir, tmp_path, ray_session):
     from mmcn.data.eval_files import feature_paths, read_features, read_retrieval_predictions
     from mmcn.eval.evaluate import EvalConfig, evaluate_clip
-    from mmcn.models.clip import ClipEncoder
+    from mmcn.models.pixels.clip import ClipEncoder
     from mmcn.train.loop import ModelSpec, TrainConfig, train
 
     init = tmp_path / "init"
@@ -175,7 +175,7 @@ def test_zero_shot_and_fine_tuned_from_a_saved_hf_folder_with_chinese_clip_files
     assert image_file.name == "test_imgs.img_feat.jsonl" and text_file.name == "test_texts.txt_feat.jsonl"
     images, texts = read_features(image_file, "image_id"), read_features(text_file, "text_id")
     assert sorted(images) == list(range(100, 106)) and sorted(texts) == list(range(10, 16))
-    from mmcn.data.datasets import ClipDataset
+    from mmcn.models.pixels.datasets import ClipDataset
 
     data = ClipDataset(lmdb_dir / "test")
     want_img = zero.images([data.image(k) for k in range(6)])
@@ -211,7 +211,7 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_contrastive_batch()
     model has no dropout, so both passes see the same features)."""
     from contextlib import nullcontext
 
-    from mmcn.models.clip import ClipCollator, accumulated_step, build_clip, image_processor
+    from mmcn.models.pixels.clip import ClipCollator, accumulated_step, build_clip, image_processor
     from mmcn.models.tokenizer import build_tokenizer
 
     texts = [f"一个{c}的{s}" for c, s in zip(COLOURS, SHAPES * 3)]
@@ -255,7 +255,7 @@ def _shard_worker(rank: int, world: int, store: str, image: torch.Tensor, text: 
     features' gradient, with and without gradient through the gather."""
     import torch.distributed as dist
 
-    from mmcn.models.contrastive import contrastive_loss, gather_features
+    from mmcn.models.pixels.contrastive import contrastive_loss, gather_features
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     rows = slice(rank * len(image) // world, (rank + 1) * len(image) // world)
@@ -274,7 +274,7 @@ def _shard_worker(rank: int, world: int, store: str, image: torch.Tensor, text: 
 def test_gathered_loss_of_two_shards_equals_the_global_batch(tmp_path):
     import torch.multiprocessing as mp
 
-    from mmcn.models.contrastive import contrastive_loss
+    from mmcn.models.pixels.contrastive import contrastive_loss
 
     torch.manual_seed(0)
     image, text, scale = torch.randn(8, 5), torch.randn(8, 5), 20.0

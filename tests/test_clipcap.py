@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcn.models.clip import build_clip, image_embeddings, image_processor, load_clip
-from mmcn.models.clipcap import (ClipCapCollator, ClipCapDecoding, ClipCapGenerator, ClipCapModel, MLPMapper,
+from mmcn.models.pixels.clip import build_clip, image_embeddings, image_processor, load_clip
+from mmcn.models.pixels.clipcap import (ClipCapCollator, ClipCapDecoding, ClipCapGenerator, ClipCapModel, MLPMapper,
                                  TransformerMapper, build_clipcap)
 from mmcn.models.tokenizer import build_tokenizer
 
@@ -263,7 +263,8 @@ def test_training_loop_and_evaluation_end_to_end(ray_session, clip_dir, tmp_path
 
     from mmcn.data.eval_files import read_caption_predictions, read_caption_scores
     from mmcn.eval.caption_metrics import METRICS
-    from mmcn.eval.evaluate import ClipCapEvalConfig, evaluate_clipcap
+    from mmcn.eval.evaluate import evaluate_clipcap
+    from mmcn.models.pixels.clipcap import ClipCapEvalConfig
 
     metrics = evaluate_clipcap(tmp_path / "model", lmdb, tmp_path / "report", ClipCapEvalConfig(
         batch_size=2, max_length=6), split="valid")

@@ -216,7 +216,7 @@ def test_pooler_is_ignored_and_bad_files_refused(reference, tmp_path):
         cn_clip.load(path)
 
 
-def test_train_at_clip_starts_from_the_checkpoint_folder(reference, init_dir, tmp_path):
+def test_train_at_clip_starts_from_the_checkpoint_folder(reference, init_dir, tmp_path, ray_session):
     """The shared training loop with clip.model.init = the .pt folder (as stages/train.py passes
     it): the tokenizer is cn_clip's vocabulary, the processor the checkpoint's size, and the
     steps start from the checkpoint's weights (one step at lr 1e-12 leaves them as cn_clip's)."""
@@ -250,6 +250,13 @@ def test_train_at_clip_starts_from_the_checkpoint_folder(reference, init_dir, tm
     assert len(tokenizer) == 21128 and processor.size == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     assert model.config.projection_dim == 32  # the checkpoint's, not the settings'
     check_against_reference(model, tokenizer, reference)
+    # evaluate@clip: the zero-shot score of the .pt folder it started from (converted on the fly)
+    # is the fine-tuned one's (one step at lr 1e-12 changed nothing)
+    from mmcn.eval.evaluate import EvalConfig, evaluate_clip
+
+    metrics = evaluate_clip(tmp_path / "clip", root / "lmdb", tmp_path / "report", EvalConfig(batch_size=4))
+    assert metrics["zero_shot"]["mean_recall"] == metrics["mean_recall"]
+    assert (tmp_path / "report/zero_shot/test_imgs.img_feat.jsonl").is_file()
 
 
 @pytest.mark.parametrize("name", ["ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14"])

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from mmcn.cli import main
-from mmcn.data.datasets import RetrievalDataset
+from mmcn.models.regions.datasets import RetrievalDataset
 from mmcn.data.lmdb_build import build_lmdb
 from mmcn.data.lmdb_store import LmdbStore
 from mmcn.eval.evaluate import EvalConfig, evaluate_retrieval
 from mmcn.infer import Searcher
 from mmcn.models.factory import build_model
-from mmcn.models.inference import RetrievalEncoder, embed_texts
-from mmcn.models.inputs import RetrievalCollator
+from mmcn.models.regions.inference import RetrievalEncoder, embed_texts
+from mmcn.models.regions.inputs import RetrievalCollator
 from mmcn.models.tokenizer import build_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -5,6 +5,8 @@ against its ``deps:`` both ways (a missing one: a change reruns nothing; an exce
 needless rerun), the params paths its script opens against its ``deps:``, and the
 params.yaml sections its script reads (``stage_params``) against its ``params:``, both ways.
 ``execution`` and ``ray`` are read through their own helpers and declared by no stage.
+A stage whose code imports :mod:`mmcn.models.factory` and whose foreach item is a task also
+runs that task's family package, which the factory imports by name (``family_code``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mmcn.models.factory import FAMILIES, family_code
 from mmcn.provenance import PACKAGE_DIR, code_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,11 +152,19 @@ def covers(dep: str, path: str) -> bool:
     return path == dep or path.startswith(dep.rstrip("/") + "/")
 
 
+def stage_code(stage: Stage, root: Path = ROOT) -> list[Path]:
+    """The files a stage runs: its script's imports, and the family package of its task."""
+    files = code_files(root / stage.script)
+    if stage.item in FAMILIES and any(p.name == "factory.py" and p.parent.name == "models" for p in files):
+        files = sorted(set(files) | set(family_code(stage.item)))
+    return files
+
+
 def check(stage_list: list[Stage], params: dict, root: Path = ROOT) -> list[str]:
     """Every problem of the stages' deps and params, one line each naming the stage."""
     problems = []
     for stage in stage_list:
-        derived = sorted(relative(p, root) for p in code_files(root / stage.script))
+        derived = sorted(relative(p, root) for p in stage_code(stage, root))
         for path in derived:
             if not any(covers(d, path) for d in stage.deps):
                 problems.append(f"{stage.name}: missing dep {path} (run by {stage.script}; a change to it "
@@ -252,6 +263,6 @@ def test_execution_settings_are_out_of_the_tracked_sections():
 if __name__ == "__main__":  # print each stage's code deps as derived (to write dvc.yaml's lists)
     dvc_yaml, params = load()
     for stage in stages(dvc_yaml, params):
-        derived = [relative(p, ROOT) for p in code_files(ROOT / stage.script)]
+        derived = [relative(p, ROOT) for p in stage_code(stage)]
         print(f"{stage.name}:\n" + "".join(f"  - {path}\n" for path in sorted(derived, key=lambda p: (
             p != stage.script, p != "stages/common.py", p))))

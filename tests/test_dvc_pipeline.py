@@ -223,6 +223,31 @@ def test_a_clip_param_reruns_clip_its_dependants_and_the_report_only(repo):
 
 
 @pytest.mark.slow
+def test_a_model_family_code_change_touches_that_family_only(repo):
+    """Each train@/evaluate@ stage lists its own family's package (mmcn.models.factory.FAMILIES):
+    an edit to one family's code changes the deps of its stages and no other's; an edit to the
+    shared factory, every model stage's."""
+    def changed_after(edit: str) -> set[str]:
+        path = repo / edit
+        before = path.read_bytes()
+        path.write_bytes(before + b"\n# edited\n")
+        try:
+            return set(json.loads(run(repo, *DVC, "status", "--json", stdout_only=True)))
+        finally:
+            path.write_bytes(before)
+
+    pixels = {f"{stage}@{task}" for stage in ("train", "evaluate") for task in ("clip", "clipcap")}
+    regions = {"train@pretrain", "train@caption", "train@retrieval", "evaluate@caption", "evaluate@retrieval"}
+    assert changed_after("mmcn/models/pixels/clip.py") == pixels
+    assert changed_after("mmcn/models/pixels/datasets.py") == pixels
+    assert changed_after("mmcn/models/regions/caption.py") == regions
+    assert changed_after("mmcn/models/regions/training.py") == regions
+    assert changed_after("mmcn/models/factory.py") == pixels | regions
+    assert changed_after("mmcn/data/image.py") >= pixels and not changed_after("mmcn/data/image.py") & regions
+    assert not json.loads(run(repo, *DVC, "status", "--json", stdout_only=True))
+
+
+@pytest.mark.slow
 def test_upstream_changes_rerun_only_what_follows(repo):
     dvc = DVC
     # upstream changes rerun exactly the changed stage and what follows it (checked up to

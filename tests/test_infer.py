@@ -223,6 +223,15 @@ def test_search_caches_the_image_index_by_file_content_and_model(chain_project, 
     config.write_bytes(config.read_bytes())  # the same bytes, a new file: the model may have changed
     index()
     assert len(detected) == 4 and len(list(cache.glob("*.npz"))) == 2
+    detected.clear()
+
+    from mmcn import provenance  # another mmcn: code that computes the entries changed
+    extra = tmp_path / "code.py"
+    extra.write_text("version = 2\n")
+    walk = provenance.code_files
+    monkeypatch.setattr(provenance, "code_files", lambda target: [*walk(target), extra])
+    index()
+    assert len(detected) == 4 and len(list(cache.glob("*.npz"))) == 3
 
 
 def test_the_index_cache_file_keeps_embeddings_and_matcher_items_without_pickle(tmp_path, caplog):

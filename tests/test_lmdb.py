@@ -25,7 +25,7 @@ from mmcn.cli import main as cli_main
 from mmcn.data import features as region_features
 from mmcn.data import lmdb_build as L
 from mmcn.data import tsv
-from mmcn.data.datasets import CaptionDataset, RetrievalDataset
+from mmcn.models.regions.datasets import CaptionDataset, RetrievalDataset
 from mmcn.data.lmdb_build import REPORT, LmdbBuildError, LmdbBusyError, LmdbConfig, build_lmdb
 from mmcn.data.lmdb_store import (SCHEMA_VERSION, LmdbCorruptError, LmdbStore, LmdbStoreError, _open_readonly,
                                   position_key, verify_store)

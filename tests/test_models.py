@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmcn.models.caption import seq2seq_mask
+from mmcn.models.regions.caption import seq2seq_mask
 from mmcn.models.factory import build_model, load_model
-from mmcn.models.inputs import CaptionCollator, RetrievalCollator
+from mmcn.models.regions.inputs import CaptionCollator, RetrievalCollator
 from mmcn.models.tokenizer import build_tokenizer, load_tokenizer
 
 LAYOUT = {"max_text_len": 16, "max_tag_len": 8, "max_regions": 4}

@@ -16,8 +16,8 @@ import torch
 
 from mmcn.cli import main
 from mmcn.models.factory import build_model, load_model
-from mmcn.models.inference import CaptionGenerator, Decoding
-from mmcn.models.oscar import OscarCheckpointError, export
+from mmcn.models.regions.inference import CaptionGenerator, Decoding
+from mmcn.models.regions.oscar import OscarCheckpointError, export
 from mmcn.models.tokenizer import load_tokenizer
 
 H, LAYERS, HEADS, INTER, VOCAB = 32, 2, 4, 64, 40
@@ -240,7 +240,7 @@ def test_retrieval_checkpoint_matches_oscars_matcher(tmp_path, pinned_torch):
 
 
 def test_pretrained_checkpoint_initialises_both_tasks(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="mmcn.models.oscar")
+    caplog.set_level(logging.INFO, logger="mmcn.models.regions.oscar")
     folder = write_oscar(tmp_path / "oscar", "pretrained", args=None)
     sd = oscar_state("pretrained")
     caption = build_model("caption", 0, init=str(folder), max_text_len=SEQ_A, max_tag_len=6, max_regions=REGIONS)
@@ -271,7 +271,7 @@ def test_export_round_trip_is_bit_exact(tmp_path):
 
 
 def test_an_mmcn_model_exports_with_its_extra_heads_beside(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="mmcn.models.oscar")
+    caplog.set_level(logging.INFO, logger="mmcn.models.regions.oscar")
     from mmcn.models.tokenizer import build_tokenizer
 
     tok = build_tokenizer(["红色的圆形", "蓝色 方形"])

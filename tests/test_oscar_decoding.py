@@ -14,8 +14,8 @@ import torch
 from mmcn.cli import _chain_settings, build_parser
 from mmcn.eval.evaluate import EvalConfig
 from mmcn.models.factory import build_model
-from mmcn.models.inference import CaptionGenerator, Decoding
-from mmcn.models.inputs import CaptionCollator
+from mmcn.models.regions.inference import CaptionGenerator, Decoding
+from mmcn.models.regions.inputs import CaptionCollator
 from mmcn.models.tokenizer import detokenize
 sys.path.insert(0, str(Path(__file__).parent))
 from test_models import LAYOUT, items, tokenizer  # noqa: E402

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from mmcn.models.caption import CaptionConfig, drop_worst
+from mmcn.models.regions.caption import CaptionConfig, drop_worst
 from mmcn.models.factory import build_model, load_model
-from mmcn.models.inputs import CaptionCollator, RetrievalCollator, segment
-from mmcn.models.retrieval import RetrievalConfig, random_negatives
+from mmcn.models.regions.inputs import CaptionCollator, RetrievalCollator, segment
+from mmcn.models.regions.retrieval import RetrievalConfig, random_negatives
 from mmcn.models.tokenizer import build_tokenizer
 from mmcn.train.loop import TrainConfig
 
@@ -76,7 +76,7 @@ def test_oscar_label_smoothing_is_the_kl_to_the_smoothed_one_hot(copy_tags, pinn
 
 def test_oscar_label_smoothing_gradient_has_no_smoothing_mass_on_the_target(pinned_torch):
     """d loss / d log p = -q: 1 - eps on the target, eps / (V - 1) on every other token."""
-    from mmcn.models.caption import masked_token_losses
+    from mmcn.models.regions.caption import masked_token_losses
 
     logp = torch.randn(5, 11).log_softmax(-1).requires_grad_()
     target = torch.tensor([0, 3, 10, 3, 7])

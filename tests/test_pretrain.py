@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmcn.models import oscar
-from mmcn.models.base import bidirectional
+from mmcn.models.regions import oscar
+from mmcn.models.regions.base import bidirectional
 from mmcn.models.factory import build_model, load_model
-from mmcn.models.inputs import PretrainCollator, truncate_pair
-from mmcn.models.pretrain import PretrainConfig, contrast_classes
+from mmcn.models.regions.inputs import PretrainCollator, truncate_pair
+from mmcn.models.regions.pretrain import PretrainConfig, contrast_classes
 from mmcn.models.tokenizer import build_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -169,7 +169,17 @@ def test_train_run_name_sees_code_and_data_not_threads(tmp_path, edited_code):
 
 
 def test_train_code_walk_covers_what_the_run_name_missed():
-    files = names(code_files("mmcn.train.loop"), ROOT)
-    for needed in ("mmcn/train/loop.py", "mmcn/data/tags.py", "mmcn/data/lmdb_store.py",
-                   "mmcn/eval/retrieval_metrics.py", "mmcn/data/datasets.py"):
-        assert needed in files
+    from mmcn.models.factory import family_code
+
+    loop = names(code_files("mmcn.train.loop"), ROOT)
+    regions, pixels = (set(loop) | set(names(family_code(task), ROOT)) for task in ("caption", "clip"))
+    for needed in ("mmcn/train/loop.py", "mmcn/data/tags.py", "mmcn/data/lmdb_store.py", "mmcn/models/factory.py",
+                   "mmcn/eval/retrieval_metrics.py", "mmcn/data/datasets.py", "mmcn/models/regions/datasets.py",
+                   "mmcn/models/regions/caption.py"):
+        assert needed in regions
+    for needed in ("mmcn/models/pixels/clip.py", "mmcn/models/pixels/datasets.py", "mmcn/data/image.py"):
+        assert needed in pixels
+    # the loop names no family: each task's run hashes its own family's code only
+    assert not any(f.startswith("mmcn/models/") and f.count("/") > 2 for f in loop)
+    assert not any(f.startswith("mmcn/models/pixels/") for f in regions)
+    assert not any(f.startswith("mmcn/models/regions/") for f in pixels)

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmcn.data.datasets import CaptionDataset
+from mmcn.models.regions.datasets import CaptionDataset
 from mmcn.data.lmdb_build import build_lmdb
 from mmcn.data.lmdb_store import LmdbStore
 from mmcn.models.factory import load_model
-from mmcn.models.inputs import CaptionCollator
+from mmcn.models.regions.inputs import CaptionCollator
 from mmcn.models.tokenizer import load_tokenizer
 from mmcn.train.loop import ModelSpec, TrainConfig, train
 

@@ -67,11 +67,11 @@ from pathlib import Path
 import numpy as np
 import pybase64
 import yaml
-from tqdm import tqdm
 
 from mmcn.data import tsv
 from mmcn.data.features import RegionFeatures, iter_split, splits_in
 from mmcn.data.tags import ImageTags, read_tags, tags_path
+from mmcn.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def export_oscar(features: Path, out: Path, texts: Path | None, tags: Path | Non
             to_retrieval = retrieval if in_tasks else None
             to_pretrain = pretrain if split in pretrain_splits else None
             n_images = 0
-            bar = tqdm(desc=f"oscar {split}", unit="img", leave=False, miniters=1000)
+            bar = Progress(None, f"oscar {split}", "img", log)
             for r, boxes in _labelled(features, split, tags if cfg.labels == "zh" else None):
                 n_images += 1
                 data = pybase64.b64encode(np.ascontiguousarray(r.features, dtype="<f4").tobytes()).decode()

@@ -48,13 +48,13 @@ from pathlib import Path
 
 import numpy as np
 import pybase64
-from tqdm import tqdm
 
 from mmcn.data import features as region_features
 from mmcn.data import image
 from mmcn.data import tsv
 from mmcn.data.chain import read_chain, write_chain
 from mmcn.data.outputs import replace_folder
+from mmcn.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,10 @@ class _Rows:
         self.unnamed: list[str] = []       # keys with no image id
         self.duplicates: list[str] = []    # keys naming an id seen before
         for k, path in enumerate(files):
-            with open(path, "rb") as f:
+            with open(path, "rb") as f, Progress(None, f"index {path.name}", "row", log) as bar:
                 offset = 0
-                for line in tqdm(f, desc=f"index {path.name}", unit="row", leave=False, mininterval=5):
+                for line in f:
+                    bar.update()
                     key = line.split(b"\t", 1)[0].decode("utf-8", "backslashreplace").strip()
                     image_id = image_id_of(key)
                     if image_id is None:
@@ -279,7 +280,9 @@ def import_features(source: Path, tsv_dir: Path, out_dir: Path, cfg: ImportConfi
             counts = {"images": 0, "boxes": 0, "skipped": 0}
             shard: list[region_features.RegionFeatures] = []
             index = 0
-            for line in tqdm(range(len(reader)), desc=f"import {split}", unit="img", mininterval=5):
+            bar = Progress(len(reader), f"import {split}", "img", log)
+            for line in range(len(reader)):
+                bar.update()
                 image_id, data = reader[line]
                 seen.add(image_id)
                 try:
@@ -298,6 +301,7 @@ def import_features(source: Path, tsv_dir: Path, out_dir: Path, cfg: ImportConfi
                     shard, index = [], index + 1
             if shard:
                 region_features.write_shard(region_features.shard_path(tmp, split, index), shard)
+            bar.close()
             report["splits"][split] = counts
             log.info("import %s: %d images, %d boxes, %d skipped", split, counts["images"], counts["boxes"],
                      counts["skipped"])

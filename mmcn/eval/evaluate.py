@@ -42,7 +42,7 @@ class EvalConfig:
     max_length: int = 30
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
-    decoding: str = "mmcn"        # mmcn | oscar (Oscar's beam search and length rules: mmcn.models.inference.Decoding)
+    decoding: str = "mmcn"        # mmcn | oscar (Oscar's beam search and length rules: mmcn.models.regions.inference.Decoding)
     tokenize: str = "char"        # char | jieba
     # retrieval
     rerank_k: int = 10            # cross-encoder re-ranking of each query's top k (0: off)
@@ -62,102 +62,66 @@ class EvalConfig:
             raise ValueError(f"length_penalty: must be a finite number, got {self.length_penalty!r}")
 
 
-@dataclass(frozen=True)
-class ClipCapEvalConfig:
-    """``clipcap.eval`` (+ ``execution.clipcap.eval``): ClipCap's decoding
-    (:class:`mmcn.models.clipcap.ClipCapDecoding`: beam | top_k | top_p) and how the actors run."""
-
-    batch_size: int = 32
-    workers: int = 1              # Ray Data model actors
-    use_gpu: bool = False         # one GPU per actor
-    tokenize: str = "char"        # char | jieba
-    decoding: str = "beam"        # beam (num_beams 1: greedy) | top_k | top_p
-    num_beams: int = 3
-    top_k: int = 10
-    top_p: float = 0.9
-    max_length: int = 30
-    length_penalty: float = 1.0
-    seed: int = 0                 # top_k / top_p: every image sampled from this seed
-
-    def __post_init__(self) -> None:
-        if self.tokenize not in ("char", "jieba"):
-            raise ValueError(f"tokenize: must be one of char, jieba, got {self.tokenize!r}")
-        for name in ("batch_size", "workers"):
-            if not getattr(self, name) >= 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
-        self.decoding_settings()  # its own checks
-
-    def decoding_settings(self):
-        from dataclasses import fields
-
-        from mmcn.models.clipcap import ClipCapDecoding
-
-        return ClipCapDecoding(**{f.name: getattr(self, f.name) for f in fields(ClipCapDecoding)})
-
-
 class ModelActor:
-    """A Ray Data actor holding one model (:mod:`mmcn.models.inference`) and the store; ``mode`` picks the job."""
+    """A Ray Data actor holding one model and the split's data, as the model's family gives
+    them (its ``eval_worker``, :mod:`mmcn.models.factory`); ``mode`` picks the job: ``caption``
+    (a generator), ``embed`` (a dual encoder), ``match`` (a cross-encoder)."""
 
     def __init__(self, model_dir: str, store_path: str, cfg: dict, mode: str):
         from transformers.utils import logging as hf_logging
 
-        from mmcn.data.datasets import CaptionDataset, RetrievalDataset
-        from mmcn.models.inference import CaptionGenerator, Decoding, RetrievalEncoder
+        from mmcn.models.factory import family
         from mmcn.models.runtime import pick_device
 
         hf_logging.disable_progress_bar()  # this actor's process: a "Loading weights" bar per load says nothing
-        self.cfg, self.mode = (ClipCapEvalConfig if mode == "clipcap" else EvalConfig)(**cfg), mode
+        tasks = family(model_task(model_dir))
+        self.cfg, self.mode = eval_config(model_task(model_dir))(**cfg), mode
         device = pick_device("auto" if self.cfg.use_gpu else "cpu")
-        if mode == "embed" and is_clip(model_dir):  # Chinese-CLIP on the stored image bytes
-            from mmcn.data.datasets import ClipDataset
-            from mmcn.models.clip import ClipEncoder
-
-            self.data, self.encoder = ClipDataset(store_path), ClipEncoder.from_dir(model_dir, device)
-        elif mode == "clipcap":  # ClipCap: its CLIP on the stored image bytes (no region features)
-            from mmcn.models.clipcap import ClipCapGenerator
-
-            self.data = LmdbStore(Path(store_path))
-            self.generator = ClipCapGenerator.from_dir(model_dir, self.cfg.decoding_settings(), device)
-        elif mode == "caption":
-            self.data = CaptionDataset(store_path, per_image=True)
-            self.generator = CaptionGenerator.from_dir(model_dir, Decoding.of(self.cfg), device)
-        else:
-            self.data = RetrievalDataset(store_path)
-            self.encoder = RetrievalEncoder.from_dir(model_dir, device)
+        self.data, self.worker = tasks.eval_worker(mode, model_dir, store_path, self.cfg, device)
 
     def __call__(self, batch: dict) -> dict:
         return getattr(self, self.mode)(batch)
 
     def caption(self, batch: dict) -> dict:
-        captions, scores = self.generator([self.data[int(i)] for i in batch["index"]])
-        return {"index": batch["index"], "caption": np.array(captions, dtype=object),
-                "score": np.array(scores, dtype=np.float32)}
-
-    def clipcap(self, batch: dict) -> dict:
-        captions, scores = self.generator([self.data.get(int(i), ("image",)).image for i in batch["index"]])
+        captions, scores = self.worker([self.data[int(i)] for i in batch["index"]])
         return {"index": batch["index"], "caption": np.array(captions, dtype=object),
                 "score": np.array(scores, dtype=np.float32)}
 
     def embed(self, batch: dict) -> dict:
         """Dual-encoder embeddings of texts (``index`` < 0: text ``-index - 1``) and images."""
         index = np.asarray(batch["index"])
-        out = np.zeros((len(index), self.encoder.dim), np.float32)
+        out = np.zeros((len(index), self.worker.dim), np.float32)
         texts, images = np.flatnonzero(index < 0), np.flatnonzero(index >= 0)
         if len(texts):
-            out[texts] = self.encoder.texts([self.data.text(int(-index[k] - 1))["text"] for k in texts])
+            out[texts] = self.worker.texts([self.data.text(int(-index[k] - 1))["text"] for k in texts])
         if len(images):
-            out[images] = self.encoder.images([self.data.image(int(index[k])) for k in images])
+            out[images] = self.worker.images([self.data.image(int(index[k])) for k in images])
         return {"index": index, "embedding": list(out)}
 
     def match(self, batch: dict) -> dict:
         items = [{**self.data.text(int(t)), **self.data.image(int(i))} for t, i in zip(batch["text"], batch["image"])]
-        return {"text": batch["text"], "image": batch["image"], "score": self.encoder.match(items)}
+        return {"text": batch["text"], "image": batch["image"], "score": self.worker.match(items)}
+
+
+def model_task(model_dir: Path | str) -> str:
+    """The task of a model folder (:func:`mmcn.models.factory.saved_task`; an Oscar folder, which
+    has no mmcn model_type, counts as the region family's ``caption``/``retrieval``: ``caption``)."""
+    from mmcn.models.factory import saved_task
+
+    return saved_task(model_dir) or "caption"
 
 
 def is_clip(model_dir: Path | str) -> bool:
     """A Chinese-CLIP folder (task clip), by its config's model_type."""
-    config = Path(model_dir) / "config.json"
-    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "chinese_clip"
+    return model_task(model_dir) == "clip"
+
+
+def eval_config(task: str) -> type:
+    """The evaluation settings class of ``task``: its family's own (``EVAL_CONFIGS``: clipcap's
+    decoding) or :class:`EvalConfig`."""
+    from mmcn.models.factory import family
+
+    return family(task).EVAL_CONFIGS.get(task, EvalConfig)
 
 
 def _pool(model_dir: Path, store_path: Path, cfg: EvalConfig, mode: str, ds):
@@ -213,29 +177,24 @@ def caption_warnings(captions: dict[int, str], task: str = "caption") -> list[st
     return out
 
 
-def evaluate_clipcap(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: ClipCapEvalConfig = ClipCapEvalConfig(),
-                     split: str = "test") -> dict:
+def evaluate_clipcap(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg=None, split: str = "test") -> dict:
     """A ClipCap model's captions of ``split`` (its CLIP on the stored image bytes), scored and
     written as :func:`evaluate_captions` does for the Oscar-style model (same metric keys)."""
-    return evaluate_captions(model_dir, lmdb_dir, out_dir, cfg, split)
+    return evaluate_captions(model_dir, lmdb_dir, out_dir, cfg or eval_config("clipcap")(), split)
 
 
 def evaluate_captions(model_dir: Path, lmdb_dir: Path, out_dir: Path,
-                      cfg: EvalConfig | ClipCapEvalConfig = EvalConfig(), split: str = "test") -> dict:
+                      cfg=EvalConfig(), split: str = "test") -> dict:
     """Caption every image of ``split``, score against its references; writes
     ``predictions.jsonl`` and ``per_image.jsonl`` into ``out_dir``; returns the metrics, with
     ``warnings`` (:func:`caption_warnings`) and the references' ``oov_*`` rate under the
     model's tokenizer (:func:`mmcn.models.tokenizer.oov`)."""
     from mmcn.models.tokenizer import load_tokenizer, oov
-    from mmcn.models.inference import Decoding
 
-    mode = "clipcap" if isinstance(cfg, ClipCapEvalConfig) else "caption"
-    if mode == "caption":
-        Decoding.of(cfg)  # a bad caption.eval.decoding fails here, not in the actors
     start = time.perf_counter()
     model_dir, store_path, out_dir = Path(model_dir).resolve(), Path(lmdb_dir).resolve() / split, Path(out_dir)
     store = LmdbStore(store_path)
-    rows = _run(model_dir, store_path, cfg, mode, [{"index": i} for i in range(len(store))])
+    rows = _run(model_dir, store_path, cfg, "caption", [{"index": i} for i in range(len(store))])
     captions = {int(store.image_ids[r["index"]]): str(r["caption"]) for r in rows}
     refs: dict[int, list[str]] = {int(i): [] for i in store.image_ids}
     for text_pos, image_pos in store.pair_positions.tolist():
@@ -253,7 +212,7 @@ def evaluate_captions(model_dir: Path, lmdb_dir: Path, out_dir: Path,
     write_caption_scores(out_dir / "per_image.jsonl", (
         {"image_id": i, "caption": captions[i], "references": refs[i],
          **{k: round(float(v), 6) for k, v in per_image.get(i, {}).items() if k != "image_id"}} for i in refs))
-    warnings = caption_warnings(captions, mode)
+    warnings = caption_warnings(captions, model_task(model_dir))
     unknown = oov(load_tokenizer(model_dir), [c for i in scored for c in refs[i]])
     metrics = {**{k: round(scores.corpus[k], 6) for k in METRICS},
                "baseline_most_frequent_caption": {**{k: round(baseline.corpus[k], 6) for k in METRICS},
@@ -376,14 +335,31 @@ def evaluate_clip(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalConfi
     meta = Path(model_dir) / "mmcn.json"
     init = json.loads(meta.read_text(encoding="utf-8")).get("model", {}).get("init") if meta.is_file() else ""
     if init:
-        if not (Path(init) / "config.json").is_file():
-            raise FileNotFoundError(f"{meta}: the model was fine-tuned from {init}, which is gone; restore it for "
-                                    "the zero-shot evaluation, or retrain (clip.model.init)")
-        zero = evaluate_retrieval(init, lmdb_dir, Path(out_dir) / "zero_shot", cfg, split)
+        zero = _zero_shot(init, meta, lmdb_dir, Path(out_dir) / "zero_shot", cfg, split)
         metrics["zero_shot"] = {k: zero[k] for k in ("t2i", "i2t", "mean_recall")}
         log.info("Chinese-CLIP zero-shot (%s): mean recall %.2f; fine-tuned: %.2f", init, zero["mean_recall"],
                  metrics["mean_recall"])
     return metrics
+
+
+def _zero_shot(init: str, meta: Path, lmdb_dir: Path, out_dir: Path, cfg: EvalConfig, split: str) -> dict:
+    """:func:`evaluate_retrieval` of the folder a Chinese-CLIP model started from: a Hugging Face
+    folder as it is, a folder holding Chinese-CLIP's own ``.pt`` (+ vocab.txt) converted into a
+    temporary one first (:func:`mmcn.models.pixels.clip.convert_cn_clip`)."""
+    import tempfile
+
+    from mmcn.models.factory import family
+
+    if (Path(init) / "config.json").is_file():
+        return evaluate_retrieval(init, lmdb_dir, out_dir, cfg, split)
+    pixels = family("clip")
+    checkpoint = pixels.find_checkpoint(init) if Path(init).is_dir() else None
+    if checkpoint is None:
+        raise FileNotFoundError(f"{meta}: the model was fine-tuned from {init}, which is gone; restore it for "
+                                "the zero-shot evaluation, or retrain (clip.model.init)")
+    with tempfile.TemporaryDirectory(prefix="mmcn-zero-shot-") as tmp:
+        pixels.convert_cn_clip(checkpoint, tmp)
+        return evaluate_retrieval(tmp, lmdb_dir, out_dir, cfg, split)
 
 
 def _pair_positions(batch: dict, n_texts: int) -> dict:

@@ -1,120 +1,85 @@
-"""Build a task's model from a size name (or a local pretrained BERT, an Oscar folder, or
-mmcn's own pretrained model), and load saved ones."""
+"""The tasks mmcn trains, the model family each belongs to, and a task's model built or
+loaded through its family.
+
+A family is a package under ``mmcn/models/``: ``regions``, the Oscar-style models on region
+features (``pretrain``, ``caption``, ``retrieval``), and ``pixels``, the models on image
+pixels (Chinese-CLIP ``clip``, ClipCap ``clipcap``). Shared code (the training loop, the
+evaluation, the stages) reaches a family only through :func:`family`, which imports it by
+name when a task needs it. So a stage runs its own family's code and no other's, dvc.yaml
+lists that family's folder for it (``${item.code}``), a training run's fingerprint hashes
+it, and a change to one family reruns only its stages (tests/test_deps.py checks all three
+against :func:`mmcn.provenance.code_files`).
+
+A family package provides, in its ``__init__``:
+
+* ``CONFIGS``: task -> its model config class (the ``{task}.model`` params' checks);
+* ``build_model(task, vocab_size, size, init, **settings)`` and ``load_model(path)``;
+* the training hooks of :mod:`mmcn.train.loop`: ``tokenizer_texts``, ``prepare_run``,
+  ``run_inputs``, ``freeze``, ``task_data``, ``STEPS``, ``validate``;
+* the evaluation hooks of :mod:`mmcn.eval.evaluate`: ``EVAL_CONFIGS``, ``eval_worker``.
+"""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from types import ModuleType
 
-from transformers import BertConfig
-
-from mmcn.models import oscar
-from mmcn.models.base import SIZES, VLPreTrainedModel, load_pretrained_bert
-from mmcn.models.caption import CaptionConfig, CaptionModel
-from mmcn.models.clip import ClipModel, ClipSettings, build_clip
-from mmcn.models.clipcap import ClipCapConfig, ClipCapModel, build_clipcap
-from mmcn.models.pretrain import PretrainConfig, PretrainModel
-from mmcn.models.retrieval import RetrievalConfig, RetrievalModel
-
-TASKS = {"caption": (CaptionConfig, CaptionModel), "retrieval": (RetrievalConfig, RetrievalModel),
-         "pretrain": (PretrainConfig, PretrainModel), "clip": (ClipSettings, ClipModel),
-         "clipcap": (ClipCapConfig, ClipCapModel)}
-# what a fine-tune takes over from mmcn's pretrained model: its architecture ...
-ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-                "max_position_embeddings", "type_vocab_size", "vocab_size", "layer_norm_eps", "img_feature_dim",
-                "use_img_layernorm", "img_layer_norm_eps", "add_pooler")
-SHARED = ("bert.", "img_embedding.", "img_norm.")   # ... and these weights (+ cls.predictions.* for captioning)
-MODEL_TYPES = {config.model_type: (task, model) for task, (config, model) in TASKS.items()}
+SIZES = {  # name -> (hidden, layers, heads, intermediate): the BERT / GPT-2 sizes trained from scratch
+    "tiny": (64, 2, 2, 128),       # tests
+    "small": (128, 3, 4, 512),     # the CPU demo (a few minutes on 2 cores)
+    "medium": (256, 4, 4, 1024),
+    "base": (768, 12, 12, 3072),   # BERT-base (GPU)
+}
+FAMILIES = {"pretrain": "regions", "caption": "regions", "retrieval": "regions",  # task -> mmcn.models.<family>
+            "clip": "pixels", "clipcap": "pixels"}
+TASKS = tuple(FAMILIES)
+MODEL_TYPES = {"mmcn_pretrain": "pretrain", "mmcn_caption": "caption", "mmcn_retrieval": "retrieval",
+               "chinese_clip": "clip", "mmcn_clipcap": "clipcap"}  # a saved folder's config.json model_type -> task
 
 
-def build_model(task: str, vocab_size: int, size: str = "small", init: str = "", **settings) -> VLPreTrainedModel:
-    """A new ``task`` model: BERT of ``size`` (tiny | small | medium | base) trained from scratch, or,
-    when ``init`` names a local pretrained BERT directory, that BERT's shape and weights.
-    ``settings`` are the task config's own fields (layout, loss options)."""
-    if task not in TASKS:
+def family(task: str) -> ModuleType:
+    """The package of ``task``'s family (imported now, not before)."""
+    if task not in FAMILIES:
         raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-    if task == "clip":  # Chinese-CLIP on pixels (mmcn.models.clip)
-        return build_clip(vocab_size, size, init, **settings)
-    if task == "clipcap":  # CLIP embedding -> mapper -> GPT-2 prefix (mmcn.models.clipcap)
-        return build_clipcap(vocab_size, size, init, **settings)
-    config_cls, model_cls = TASKS[task]
-    if init and _model_type(init) == PretrainConfig.model_type:
-        return from_pretrained_model(task, init, settings)
-    if init and oscar.is_oscar_dir(init):  # Oscar's architecture and layout; settings may change the rest
-        found = oscar.mmcn_settings(init, task, _layout(settings))
-        fixed = oscar.fixed_settings(found)
-        model = model_cls(config_cls(**{**found, **{k: v for k, v in settings.items() if k not in fixed}}))
-        oscar.load_into(model, init)
-        return model
-    if init:
-        shape = BertConfig.from_pretrained(init, local_files_only=True).to_dict()
-        shape = {k: shape[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                       "max_position_embeddings", "type_vocab_size", "vocab_size", "hidden_act")}
-    else:
-        if size not in SIZES:
-            raise ValueError(f"unknown model size {size!r}: use one of {', '.join(SIZES)}")
-        hidden, layers, heads, inter = SIZES[size]
-        shape = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-                 "intermediate_size": inter, "vocab_size": vocab_size, "max_position_embeddings": 512}
-    model = model_cls(config_cls(**shape, **settings))
-    if init:
-        load_pretrained_bert(model, init)
-    return model
+    return importlib.import_module(f"{__package__}.{FAMILIES[task]}")
 
 
-def _model_type(path: str) -> str | None:
-    config = Path(path) / "config.json"
-    return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+def family_dir(task: str) -> Path:
+    """The folder of ``task``'s family package (its code deps, as dvc.yaml's ``${item.code}``)."""
+    if task not in FAMILIES:
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    return Path(__file__).resolve().parent / FAMILIES[task]
 
 
-def from_pretrained_model(task: str, path: str, settings: dict) -> VLPreTrainedModel:
-    """A ``task`` model that starts from mmcn's pretrained model in ``path`` (the pretrain stage's
-    ``models/pretrain``): its architecture, its encoder, region projection and pooler and, for
-    captioning (or pretraining further), its masked-token head; the task's own heads start
-    afresh. ``settings`` give the task's layout and options."""
-    import logging
+def family_code(task: str) -> list[Path]:
+    """Every file the family of ``task`` runs when imported (:func:`mmcn.provenance.code_files`
+    of its package): what a stage that reaches it through :func:`family` runs besides its
+    own imports."""
+    from mmcn.provenance import code_files
 
-    source = PretrainModel.from_pretrained(path, local_files_only=True)
-    config_cls, model_cls = TASKS[task]
-    shape = {k: getattr(source.config, k) for k in ARCHITECTURE}
-    if task == "pretrain":
-        shape.update({k: getattr(source.config, k) for k in ("texta_false_prob", "textb_sample_mode",
-                                                             "mask_loss_for_unmatched", "num_contrast_classes")})
-    model = model_cls(config_cls(**{**settings, **shape}))
-    own, state = model.state_dict(), source.state_dict()
-    heads = ("cls.predictions.",) if hasattr(model, "cls") else ()
-    heads += ("cls.seq_relationship.",) if task == "pretrain" else ()
-    taken = {k: v for k, v in state.items() if k.startswith(SHARED + heads) and k in own}
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in taken.items() if v.shape != own[k].shape]
-    if wrong:
-        raise ValueError(f"{path}: weights do not fit the {task} model: {'; '.join(wrong[:5])}")
-    model.load_state_dict(taken, strict=False)
-    fresh = sorted({k.split(".")[0] for k in own if k not in taken and not k.endswith("position_ids")} - {"bert"})
-    logging.getLogger(__name__).info("%s: %s model from mmcn's pretrained model (%d tensors); new: %s", path, task,
-                                     len(taken), ", ".join(fresh) or "none")
-    return model
+    if task not in FAMILIES:
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    return code_files(f"{__package__}.{FAMILIES[task]}")
 
 
-def _layout(settings: dict) -> dict:
-    return {k: settings[k] for k in ("max_text_len", "max_tag_len", "max_regions", "add_od_labels") if k in settings}
-
-
-def load_model(path: Path | str) -> tuple[str, VLPreTrainedModel]:
-    """``(task, model)`` of a saved model directory: mmcn's ``save_pretrained`` layout, or an
-    Oscar / Mengzi-Oscar caption or retrieval fine-tune (:mod:`mmcn.models.oscar`)."""
-    if oscar.is_oscar_dir(path):
-        task = oscar.checkpoint_task(oscar.read_state_dict(path))
-        if task == "pretrained":
-            raise ValueError(f"{path} is a pretrained Oscar checkpoint, not a caption or retrieval model: "
-                             "fine-tune it first (caption.model.init / retrieval.model.init)")
-        if not oscar.read_training_args(path):
-            raise ValueError(f"{path}: an Oscar {task} model without training_args.bin: its layout (text, tag and "
-                             f"region lengths) is unknown; fine-tune from it with {task}.model.init instead")
-        return task, build_model(task, 0, init=str(path))
+def saved_task(path: Path | str) -> str | None:
+    """The task of a model folder mmcn saved, by its config's ``model_type``; None for any
+    other folder (an Oscar checkpoint, or not a model)."""
     config = Path(path) / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{config} is missing: not a model folder written by mmcn")
-    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"{config}: model_type {model_type!r} is not an mmcn model ({', '.join(MODEL_TYPES)})")
-    task, model_cls = MODEL_TYPES[model_type]
-    return task, model_cls.from_pretrained(str(path), local_files_only=True)
+        return None
+    return MODEL_TYPES.get(json.loads(config.read_text(encoding="utf-8")).get("model_type"))
+
+
+def build_model(task: str, vocab_size: int, size: str = "small", init: str = "", **settings):
+    """A new ``task`` model of ``size`` for a tokenizer of ``vocab_size`` tokens, or from the
+    pretrained folder ``init``; ``settings`` are the task config's own fields."""
+    return family(task).build_model(task, vocab_size, size, init, **settings)
+
+
+def load_model(path: Path | str) -> tuple[str, object]:
+    """``(task, model)`` of a saved model folder: mmcn's ``save_pretrained`` layout of any task,
+    or an Oscar / Mengzi-Oscar caption or retrieval fine-tune (read by the region family,
+    which also names what is wrong with a folder that is neither)."""
+    return family(saved_task(path) or "caption").load_model(path)

@@ -32,3 +32,19 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def token_metrics(model, dataset, collate, device: torch.device, batch_size: int = 64) -> dict:
+    """A caption model's loss and accuracy over the tokens it predicts on ``dataset``
+    (``out.correct``: one flag per predicted token, ``out.loss`` their mean loss):
+    ``valid_loss`` and ``valid_token_accuracy`` (percent)."""
+    from torch.utils.data import DataLoader
+
+    losses, correct, total = [], 0, 0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        losses.append(out.loss.item() * len(out.correct))
+        correct, total = correct + int(out.correct.sum()), total + len(out.correct)
+    return {"valid_loss": round(sum(losses) / max(total, 1), 5),
+            "valid_token_accuracy": round(100.0 * correct / max(total, 1), 3)}

@@ -56,7 +56,7 @@ class TrainConfig:
     freeze_vision: bool = False     # clip: the ViT's weights fixed (Chinese-CLIP's --freeze-vision)
     mask_prob: float = 0.15         # caption: share of caption tokens masked
     max_masked: int = 3             # caption: most masked tokens per caption
-    mask_type: str = "mmcn"         # caption: mmcn | oscar (which tokens, how many: mmcn.models.inputs.CaptionCollator)
+    mask_type: str = "mmcn"         # caption: mmcn | oscar (which tokens, how many: mmcn.models.regions.inputs.CaptionCollator)
     workers: int = 1                # Ray Train workers (0: in the driver process, for tests)
     cpus_per_worker: int = 1        # CPU threads of each worker's torch
     use_gpu: bool = False
@@ -105,6 +105,7 @@ def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, stor
     from ray.train.torch import TorchTrainer
 
     from mmcn.data.lmdb_store import LmdbStore
+    from mmcn.models.factory import family
     from mmcn.models.tokenizer import build_tokenizer, load_tokenizer, oov
 
     lmdb_dir, out_dir, storage_path = Path(lmdb_dir).resolve(), Path(out_dir).resolve(), Path(storage_path).resolve()
@@ -114,31 +115,17 @@ def train(spec: ModelSpec, lmdb_dir: Path, out_dir: Path, cfg: TrainConfig, stor
     run_dir = storage_path / run_name
     tokenizer_dir = run_dir / "tokenizer"
     if not tokenizer_dir.is_dir():
-        if spec.init:
-            tokenizer = load_tokenizer(spec.init)
-        else:
-            texts = [t.text for t in train_store.texts()]
-            if spec.task not in ("clip", "clipcap"):  # these read no tags
-                texts += [train_store.get(i, ("regions",)).tag_text for i in range(len(train_store))]
-            tokenizer = build_tokenizer(texts)
+        tokenizer = load_tokenizer(spec.init) if spec.init else build_tokenizer(
+            family(spec.task).tokenizer_texts(spec.task, train_store))
         tokenizer.save_pretrained(str(tokenizer_dir))
-        if spec.task == "clip":  # its image processor travels with the tokenizer into the exported folder
-            from mmcn.models.clip import image_processor, processor_of
-
-            processor = processor_of(spec.init) if spec.init else image_processor(spec.settings.get("image_size", 224))
-            processor.save_pretrained(str(tokenizer_dir))
     train_oov = oov(load_tokenizer(tokenizer_dir), [t.text for t in train_store.texts()])
     (log.warning if train_oov.unknown else log.info)("%s", train_oov.describe(f"{spec.task}: train captions under "
                                                                               "its tokenizer"))
     # the workers' spec names the starting weights by absolute path: a Ray worker runs in its own folder
     worker_spec = replace(spec, init=str(Path(spec.init).resolve())) if spec.init else spec
-    embeddings = {}
-    if spec.task == "clipcap":  # the frozen CLIP's image embeddings, once per run (mmcn.train.image_embeddings)
-        from mmcn.train.image_embeddings import cache_splits
-
-        clip = str(Path(spec.settings["clip"]).resolve())
-        worker_spec = replace(worker_spec, settings={**spec.settings, "clip": clip})
-        embeddings = cache_splits(clip, lmdb_dir, run_dir / "clip-embeddings")
+    # the family's own preparation (clip: its image processor beside the tokenizer; clipcap: the
+    # frozen CLIP's image embeddings, once per run)
+    worker_spec, embeddings = family(spec.task).prepare_run(worker_spec, lmdb_dir, run_dir, tokenizer_dir)
     loop_config = {"spec": asdict(worker_spec), "cfg": asdict(cfg), "lmdb_dir": str(lmdb_dir),
                    "tokenizer_dir": str(tokenizer_dir), "run_name": run_name, "embeddings": embeddings}
     trainer = TorchTrainer(
@@ -204,10 +191,12 @@ def _fingerprint(spec: ModelSpec, cfg: TrainConfig, store) -> str:
     ``cpus_per_worker``: they change how, not what), the content of the data (the XXH3-128
     source checksums in the meta of ``store``, the train split, and of the valid split next
     to it when there is one) and the code that trains (every mmcn file this module runs, from
-    :func:`mmcn.provenance.code_files`, the same walk that checks dvc.yaml's deps). A rerun
-    resumes a run only when all of it is unchanged."""
+    :func:`mmcn.provenance.code_files`, the same walk that checks dvc.yaml's deps, and the
+    task's family package, which this module imports by name). A rerun resumes a run only
+    when all of it is unchanged."""
     from mmcn import provenance
     from mmcn.data.lmdb_store import LmdbStore
+    from mmcn.models.factory import family, family_code
 
     settings = {**asdict(spec), **_results_settings(cfg)}
     try:
@@ -217,9 +206,10 @@ def _fingerprint(spec: ModelSpec, cfg: TrainConfig, store) -> str:
     sources = {"train": store.meta["sources"], "valid": valid}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(json.dumps(sources, sort_keys=True).encode())
-    digest.update(json.dumps(provenance.digests(provenance.code_files(__name__)), sort_keys=True).encode())
-    if spec.task == "clipcap":  # the CLIP model's content (models/clip reruns)
-        digest.update(json.dumps(list(provenance.digests([Path(spec.settings["clip"])]).values())).encode())
+    code = provenance.code_files(__name__) + family_code(spec.task)
+    digest.update(json.dumps(provenance.digests(sorted(set(code))), sort_keys=True).encode())
+    for path in family(spec.task).run_inputs(spec):  # e.g. clipcap's CLIP model's content (models/clip reruns)
+        digest.update(json.dumps(list(provenance.digests([path]).values())).encode())
     if spec.init:  # the starting weights' content, not only their folder's name (models/pretrain reruns)
         digest.update(json.dumps(list(provenance.digests([Path(spec.init)]).values())).encode())
     return digest.hexdigest()[:12]
@@ -253,6 +243,7 @@ def _train_worker(config: dict) -> None:
     from torch.utils.data.distributed import DistributedSampler
     from transformers import get_scheduler
 
+    from mmcn.models.factory import family
     from mmcn.models.runtime import autocast
     from mmcn.models.tokenizer import load_tokenizer
 
@@ -266,9 +257,10 @@ def _train_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(config["tokenizer_dir"])
 
+    tasks = family(spec.task)
     model = _build(spec, len(tokenizer))
-    model.freeze(embedding=cfg.freeze_embedding, visual=cfg.freeze_vision if spec.task == "clip" else cfg.freeze_visual)
-    dataset, collate = _task_data(spec.task, Path(config["lmdb_dir"]) / "train", tokenizer, model.config, cfg,
+    tasks.freeze(model, spec.task, cfg)
+    dataset, collate = tasks.task_data(spec.task, Path(config["lmdb_dir"]) / "train", tokenizer, model.config, cfg,
                                   seed=cfg.seed, embeddings=config.get("embeddings"))
     dataset = _fraction(dataset, cfg.train_fraction)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -306,6 +298,7 @@ def _train_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     bf16 = autocast(device)
+    train_step = tasks.STEPS.get(spec.task, step_micro_batches)
     started = time.perf_counter()
 
     staging = Path(tempfile.gettempdir()) / "mmcn-checkpoints" / config["run_name"]
@@ -337,25 +330,16 @@ def _train_worker(config: dict) -> None:
         if getattr(collate, "generator", None) is not None:
             collate.generator.manual_seed(cfg.seed * 100_003 + epoch * world + rank)
         model.train()
-        pending = []  # clip: the micro-batches of one contrastive batch
+        pending = []  # the micro-batches of one optimizer step
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
             if i >= steps_per_epoch * cfg.grad_accum:
                 break
-            if spec.task == "clip":  # one contrastive batch of grad_accum micro-batches (Chinese-CLIP's accum_freq)
-                from mmcn.models.clip import accumulated_step
-
-                pending.append(batch)
-                if len(pending) < cfg.grad_accum:
-                    continue
-                loss, pending = accumulated_step(model, pending, bf16) / cfg.grad_accum, []
-            else:
-                with bf16:
-                    loss = model(**batch).loss / cfg.grad_accum
-                loss.backward()
-                if (i + 1) % cfg.grad_accum:
-                    continue
+            pending.append(batch)
+            if len(pending) < cfg.grad_accum:
+                continue
+            loss, pending = train_step(model, pending, bf16) / cfg.grad_accum, []
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -368,7 +352,7 @@ def _train_worker(config: dict) -> None:
             if step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 save({"step": step, "loss": history["train"][-1]["loss"]}, epoch, i + 1)
         skip = 0
-        valid = _validate(spec.task, core, Path(config["lmdb_dir"]) / "valid", tokenizer, cfg, device,
+        valid = _validate(tasks, spec.task, core, Path(config["lmdb_dir"]) / "valid", tokenizer, cfg, device,
                           config.get("embeddings")) \
             if rank == 0 else {}
         history["valid"].append({"epoch": epoch + 1, "step": step, **valid})
@@ -431,35 +415,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _task_data(task: str, store_path: Path, tokenizer, model_config, cfg: TrainConfig, seed: int | None = None,
-               embeddings: dict | None = None):
-    from mmcn.data.datasets import CaptionDataset, PretrainDataset, RetrievalDataset
-    from mmcn.models.inputs import CaptionCollator, PretrainCollator, RetrievalCollator
-
-    if task == "clip":
-        from mmcn.data.datasets import ClipDataset
-        from mmcn.models.clip import ClipCollator, processor_of
-
-        return ClipDataset(store_path), ClipCollator(tokenizer, processor_of(tokenizer.name_or_path),
-                                                     model_config.max_text_len)
-    if task == "clipcap":  # (cached CLIP image embedding, caption) pairs
-        from mmcn.models.clipcap import ClipCapCollator
-        from mmcn.train.image_embeddings import EmbeddedCaptions
-
-        return (EmbeddedCaptions(store_path, (embeddings or {})[store_path.name]),
-                ClipCapCollator(tokenizer, model_config.max_text_len))
-    if task == "pretrain":  # polluted pairs and masks drawn from the collator's generator
-        dataset = PretrainDataset(store_path)
-        gen = torch.Generator().manual_seed(seed if seed is not None else cfg.seed)
-        return dataset, PretrainCollator(tokenizer, model_config, dataset, cfg.mask_prob, generator=gen)
-    if task == "caption":
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        return CaptionDataset(store_path), CaptionCollator(tokenizer, model_config, True, cfg.mask_prob,
-                                                           cfg.max_masked, generator=gen, mask_type=cfg.mask_type)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None  # random negatives
-    return RetrievalDataset(store_path), RetrievalCollator(tokenizer, model_config, generator=gen)
-
-
 def _check_enough_pairs(task: str, store, cfg: TrainConfig) -> None:
     """Refuse a run that could not make one optimiser step: every worker drops its last partial
     batch, so fewer than ``batch_size x workers x grad_accum`` training pairs train nothing."""
@@ -489,73 +444,22 @@ def _fraction(dataset, share: float):
 
 
 @torch.no_grad()
-def _validate(task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, device,
+def _validate(tasks, task: str, model, store_path: Path, tokenizer, cfg: TrainConfig, device,
               embeddings: dict | None = None) -> dict:
-    """Caption: masked-token loss and accuracy on valid (fixed masks); clipcap: the loss and
-    accuracy of every caption token (``embeddings``: the cached CLIP embeddings); retrieval: dual-encoder
-    recall (t2i / i2t R@1, mean recall) over the whole valid split, or for a matcher alone its
-    loss on the valid pairs and one fixed random negative each (ranking every pair would
-    take longer than the epoch)."""
-    from torch.utils.data import DataLoader
-
+    """The valid split's metrics after an epoch, as ``task``'s family (``tasks``) measures them
+    (its ``validate``); nothing when there is no valid split."""
     if not (store_path / "data.mdb").exists() and not list(store_path.glob("shard-*")):
         return {}
     model.eval()
-    move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
-    if task == "clip":
-        from mmcn.models.clip import processor_of, validate
-
-        return validate(model, tokenizer, processor_of(tokenizer.name_or_path), store_path)
-    if task == "pretrain":
-        return _validate_pretrain(model, store_path, tokenizer, cfg, move)
-    if task in ("caption", "clipcap"):  # clipcap: the loss and accuracy of every caption token
-        dataset, collate = _task_data(task, store_path, tokenizer, model.config, cfg, seed=0, embeddings=embeddings)
-        losses, correct, total = [], 0, 0
-        for batch in DataLoader(dataset, batch_size=64, collate_fn=collate):
-            out = model(**move(batch))
-            losses.append(out.loss.item() * len(out.correct))
-            correct, total = correct + int(out.correct.sum()), total + len(out.correct)
-        return {"valid_loss": round(sum(losses) / max(total, 1), 5),
-                "valid_token_accuracy": round(100.0 * correct / max(total, 1), 3)}
-    if not model.config.dual_encoder:  # a matcher alone (Oscar): its loss on valid pairs + fixed random negatives
-        dataset, collate = _task_data(task, store_path, tokenizer, model.config, cfg, seed=0)
-        losses = [(model(**move(batch)).match_loss.item(), len(batch["image_ids"]))
-                  for batch in DataLoader(dataset, batch_size=64, collate_fn=collate)]
-        return {"valid_match_loss": round(sum(v * n for v, n in losses) / max(sum(n for _, n in losses), 1), 5)}
-    from mmcn.eval.retrieval_metrics import retrieval_scores
-    from mmcn.models.inference import RetrievalEncoder, embed_images, embed_texts
-
-    data = _task_data(task, store_path, tokenizer, model.config, cfg)[0]
-    encoder = RetrievalEncoder(model, tokenizer, device)
-    scores = embed_texts(encoder, data) @ embed_images(encoder, data).T
-    r = retrieval_scores(scores, data.store.gold_positions()[0], ks=(1, 5))
-    return {"valid_t2i_r1": round(r["t2i"]["r1"], 3), "valid_i2t_r1": round(r["i2t"]["r1"], 3),
-            "valid_mean_recall": round(r["mean_recall"], 3)}
+    return tasks.validate(task, model, store_path, tokenizer, cfg, device, embeddings)
 
 
-def _validate_pretrain(model, store_path: Path, tokenizer, cfg: TrainConfig, move) -> dict:
-    """Pretraining on valid (polluted pairs and masks from a fixed seed): masked-token loss and
-    accuracy, contrastive loss, accuracy and accuracy per class (0 matched, 1 wrong b, C-1 wrong a)."""
-    from torch.utils.data import DataLoader
-
-    dataset, collate = _task_data("pretrain", store_path, tokenizer, model.config, cfg, seed=0)
-    mlm, contrast, correct, total, n = 0.0, 0.0, 0, 0, 0
-    hits = torch.zeros(model.config.num_contrast_classes)
-    counts = torch.zeros(model.config.num_contrast_classes)
-    for batch in DataLoader(dataset, batch_size=64, collate_fn=collate):
-        out = model(**move(batch))
-        labels = batch["contrast_labels"]
-        mlm += out.mlm_loss.item() * len(out.mlm_correct)
-        correct, total = correct + int(out.mlm_correct.sum()), total + len(out.mlm_correct)
-        contrast += out.contrast_loss.item() * len(labels)
-        n += len(labels)
-        right = out.contrast_logits.argmax(-1).cpu() == labels
-        hits += torch.bincount(labels[right], minlength=len(hits)).float()
-        counts += torch.bincount(labels, minlength=len(counts)).float()
-    result = {"valid_mlm_loss": round(mlm / max(total, 1), 5),
-              "valid_mlm_accuracy": round(100.0 * correct / max(total, 1), 3),
-              "valid_contrast_loss": round(contrast / max(n, 1), 5),
-              "valid_contrast_accuracy": round(100.0 * float(hits.sum()) / max(n, 1), 3)}
-    for k in range(len(counts)):
-        result[f"valid_contrast_accuracy_{k}"] = round(100.0 * float(hits[k] / counts[k]), 3) if counts[k] else None
-    return result
+def step_micro_batches(model, batches: list[dict], autocast) -> torch.Tensor:
+    """One optimizer step's gradients: a forward and backward per micro-batch (their losses
+    averaged into the gradient); returns the last one's loss, times ``len(batches)``."""
+    loss = None
+    for batch in batches:
+        with autocast:
+            loss = model(**batch).loss / len(batches)
+        loss.backward()
+    return loss.detach() * len(batches)

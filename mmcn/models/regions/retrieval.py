@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from mmcn.models.base import VLConfig, VLPreTrainedModel, bidirectional
+from mmcn.models.regions.base import VLConfig, VLPreTrainedModel, bidirectional
 
 
 MATCH_HEADS = ("mmcn", "oscar")

@@ -16,7 +16,7 @@ Key map (Oscar -> mmcn): ``bert.embeddings.*``, ``bert.encoder.*``, ``bert.poole
 -> ``img_norm.*``; ``cls.predictions.*`` stay (``cls.predictions.bias`` is also the
 decoder's bias; a decoder equal to the word embeddings is a tied one); ``classifier.*`` (the
 retrieval matcher on the pooled [CLS]) -> ``match_head.*``; ``cls.seq_relationship.*`` (the
-pretrained 3-way head) stays in a pretraining model (:mod:`mmcn.models.pretrain`) and has no
+pretrained 3-way head) stays in a pretraining model (:mod:`mmcn.models.regions.pretrain`) and has no
 place in a caption or retrieval model. Every key must be
 placed and every model weight filled: anything else is an error naming the keys and file.
 """

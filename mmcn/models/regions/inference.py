@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mmcn.models.factory import load_model
-from mmcn.models.inputs import CaptionCollator, RetrievalCollator
+from mmcn.models.regions.inputs import CaptionCollator, RetrievalCollator
 from mmcn.models.runtime import autocast
 from mmcn.models.tokenizer import detokenize, load_tokenizer
 
@@ -30,10 +30,10 @@ class Decoding:
     """How captions are decoded (the ``caption.eval`` params).
 
     ``mode`` (``caption.eval.decoding``): ``"mmcn"``, this project's search
-    (:meth:`~mmcn.models.caption.CaptionModel.generate`: [PAD]/[CLS]/[MASK] banned, optional
+    (:meth:`~mmcn.models.regions.caption.CaptionModel.generate`: [PAD]/[CLS]/[MASK] banned, optional
     n-gram block, finished beams keep their slot; ``max_length`` = caption tokens, the [SEP]
     not counted), or ``"oscar"``, microsoft/Oscar's search rule for rule
-    (:meth:`~mmcn.models.caption.CaptionModel.generate_oscar`): ``max_length`` is then Oscar's
+    (:meth:`~mmcn.models.regions.caption.CaptionModel.generate_oscar`): ``max_length`` is then Oscar's
     ``max_gen_length``, which counts [CLS] and the closing [SEP] (at most ``max_length - 2``
     caption tokens; Oscar's default and its README's setting: 20), ``no_repeat_ngram_size``
     is not used (Oscar has no such rule) and greedy ignores ``length_penalty`` as Oscar does.

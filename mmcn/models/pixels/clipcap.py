@@ -282,10 +282,10 @@ def clip_info(clip_dir: Path | str) -> tuple[int, str]:
 def build_clipcap(vocab_size: int, size: str = "small", init: str = "", special: dict | None = None,
                   **settings) -> ClipCapModel:
     """A new ClipCap model: GPT-2 from the local folder ``init`` (its weights and shape), or of
-    ``size`` (mmcn.models.base.SIZES) from scratch over ``vocab_size`` tokens; ``special``: the
+    ``size`` (mmcn.models.factory.SIZES) from scratch over ``vocab_size`` tokens; ``special``: the
     tokenizer's ``{"bos": id, "eos": id, "pad": id}`` for a new GPT-2; ``settings``: the
     :class:`ClipCapConfig` fields (``clip`` names the CLIP folder)."""
-    from mmcn.models.base import SIZES
+    from mmcn.models.factory import SIZES
 
     config = ClipCapConfig(**settings)
     config.clip_dim, config.clip_name = clip_info(config.clip)
@@ -353,6 +353,37 @@ class ClipCapDecoding:
             raise ValueError(f"length_penalty: must be a finite number, got {self.length_penalty!r}")
 
 
+@dataclass(frozen=True)
+class ClipCapEvalConfig:
+    """``clipcap.eval`` (+ ``execution.clipcap.eval``): ClipCap's decoding
+    (:class:`mmcn.models.pixels.clipcap.ClipCapDecoding`: beam | top_k | top_p) and how the actors run."""
+
+    batch_size: int = 32
+    workers: int = 1              # Ray Data model actors
+    use_gpu: bool = False         # one GPU per actor
+    tokenize: str = "char"        # char | jieba
+    decoding: str = "beam"        # beam (num_beams 1: greedy) | top_k | top_p
+    num_beams: int = 3
+    top_k: int = 10
+    top_p: float = 0.9
+    max_length: int = 30
+    length_penalty: float = 1.0
+    seed: int = 0                 # top_k / top_p: every image sampled from this seed
+
+    def __post_init__(self) -> None:
+        if self.tokenize not in ("char", "jieba"):
+            raise ValueError(f"tokenize: must be one of char, jieba, got {self.tokenize!r}")
+        for name in ("batch_size", "workers"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        self.decoding_settings()  # its own checks
+
+    def decoding_settings(self) -> "ClipCapDecoding":
+        from dataclasses import fields
+
+        return ClipCapDecoding(**{f.name: getattr(self, f.name) for f in fields(ClipCapDecoding)})
+
+
 class ClipCapGenerator:
     """A ClipCap model + its tokenizer + its CLIP: image bytes (or CLIP embeddings) -> captions."""
 
@@ -373,8 +404,8 @@ class ClipCapGenerator:
 
     @torch.no_grad()
     def embed(self, images: Sequence[bytes]) -> torch.Tensor:
-        """CLIP image embeddings of image file bytes (:func:`mmcn.models.clip.image_embeddings`)."""
-        from mmcn.models.clip import image_embeddings, load_clip
+        """CLIP image embeddings of image file bytes (:func:`mmcn.models.pixels.clip.image_embeddings`)."""
+        from mmcn.models.pixels.clip import image_embeddings, load_clip
 
         if self.clip is None:
             model, _, processor = load_clip(self.model.config.clip, self.device)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from mmcn.models.base import VLConfig
-from mmcn.models.retrieval import random_negatives
+from mmcn.models.regions.base import VLConfig
+from mmcn.models.regions.retrieval import random_negatives
 
 
 def segment(tokenizer, texts: list[str], length: int, cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +134,7 @@ class RetrievalCollator:
     """Retrieval batches of (text, image) pairs: the text segment, the image's tag segment
     twice (with [CLS] for the image tower, without for the matcher), regions and ids. With
     the config's ``negatives: random``, batches of whole pairs also carry each pair's random
-    negative (``neg_partner``, ``neg_swap_text``: :func:`mmcn.models.retrieval.random_negatives`),
+    negative (``neg_partner``, ``neg_swap_text``: :func:`mmcn.models.regions.retrieval.random_negatives`),
     drawn from ``generator``."""
 
     def __init__(self, tokenizer, config: VLConfig, generator: torch.Generator | None = None):

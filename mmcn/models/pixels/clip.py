@@ -1,7 +1,7 @@
 """Chinese-CLIP on pixels (task ``clip``): transformers' ``ChineseCLIPModel`` (a ViT and a
 Chinese BERT/RoBERTa, each projected to a shared embedding), trained as Chinese-CLIP
 trains it: a symmetric InfoNCE loss over the features of the whole global batch
-(:mod:`mmcn.models.contrastive`), a learnable logit scale kept at most
+(:mod:`mmcn.models.pixels.contrastive`), a learnable logit scale kept at most
 100 (log value clamped to [0, ln 100] before every training forward, as Chinese-CLIP clamps
 it after every step), optionally with the vision tower frozen.
 
@@ -11,7 +11,10 @@ tokenizer (BertTokenizerFast: vocab.txt ...) + ``ChineseCLIPImageProcessor``
 ``OFA-Sys/chinese-clip-vit-base-patch16`` folder is one. Images are resized to the
 processor's square size with bicubic resampling and normalised with OpenAI CLIP's mean/std,
 no crop (Chinese-CLIP's own transform). From scratch (the demo), :func:`build_clip` makes a
-config of ``CLIP_SIZES`` and the char tokenizer of :mod:`mmcn.models.tokenizer`.
+config of ``CLIP_SIZES`` and the char tokenizer of :mod:`mmcn.models.tokenizer`. A folder
+holding one of Chinese-CLIP's own ``.pt`` checkpoints and its vocab.txt is read too, converted
+on load (:mod:`mmcn.models.pixels.cn_clip`); :func:`convert_cn_clip` writes it as a Hugging
+Face folder once (``mmcn convert-clip``).
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import torch.nn.functional as F
 from transformers import ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel
 from transformers.utils import ModelOutput
 
-from mmcn.models.contrastive import contrastive_loss, gather_features
+from mmcn.models.pixels import cn_clip
+from mmcn.models.pixels.contrastive import contrastive_loss, gather_features
 
 # name -> ((text hidden, layers, heads, intermediate), (vision hidden, layers, heads, intermediate), patch)
 CLIP_SIZES = {
@@ -157,6 +161,9 @@ def build_clip(vocab_size: int, size: str = "tiny", init: str = "", image_size: 
     pretrained ``init`` folder's (its shape and weights)."""
     settings = {"max_text_len": max_text_len, "gather_with_grad": gather_with_grad}
     if init:
+        checkpoint = cn_clip.find_checkpoint(init)
+        if checkpoint is not None:  # Chinese-CLIP's own .pt (+ vocab.txt): converted on load
+            return cn_clip.load(checkpoint, model_class=ClipModel, **settings)[0]
         _check_dir(init)
         model = ClipModel.from_pretrained(init, local_files_only=True)
         for k, v in settings.items():
@@ -180,7 +187,8 @@ def _check_dir(path: Path | str) -> None:
     if not config.is_file():
         raise FileNotFoundError(f"{config} is missing: a Chinese-CLIP model folder is a Hugging Face folder "
                                 "(config.json, weights, vocab.txt, preprocessor_config.json), e.g. a downloaded "
-                                "OFA-Sys/chinese-clip-vit-base-patch16 or models/clip")
+                                "OFA-Sys/chinese-clip-vit-base-patch16 or models/clip, or a folder holding one "
+                                "Chinese-CLIP .pt checkpoint (clip_cn_vit-b-16.pt ...) and its vocab.txt")
     import json
 
     model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
@@ -194,18 +202,42 @@ def processor_of(path: Path | str, image_size: int | None = None) -> ChineseCLIP
     if (Path(path) / "preprocessor_config.json").is_file():
         return ChineseCLIPImageProcessor.from_pretrained(str(path), local_files_only=True)
     if image_size is None:
-        image_size = ChineseCLIPConfig.from_pretrained(str(path), local_files_only=True).vision_config.image_size
+        checkpoint = cn_clip.find_checkpoint(path)
+        config = cn_clip.infer_config(cn_clip.read_checkpoint(checkpoint), checkpoint) if checkpoint is not None \
+            else ChineseCLIPConfig.from_pretrained(str(path), local_files_only=True)
+        image_size = config.vision_config.image_size
     return image_processor(image_size)
 
 
 def load_clip(path: Path | str, device: str | torch.device = "cpu"):
     """``(model, tokenizer, image_processor)`` of a saved Chinese-CLIP folder (mmcn's
-    ``models/clip`` or a downloaded Hugging Face one), the model in eval mode on ``device``."""
+    ``models/clip`` or a downloaded Hugging Face one, or a folder holding a Chinese-CLIP ``.pt``
+    checkpoint and its vocab.txt: converted on load), the model in eval mode on ``device``."""
     from mmcn.models.tokenizer import load_tokenizer
 
+    checkpoint = cn_clip.find_checkpoint(path)
+    if checkpoint is not None:
+        model, tokenizer = cn_clip.load(checkpoint, model_class=ClipModel)
+        return model.to(device).eval(), tokenizer, image_processor(model.config.vision_config.image_size)
     _check_dir(path)
     model = ClipModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
     return model, load_tokenizer(path), processor_of(path, model.config.vision_config.image_size)
+
+
+def convert_cn_clip(checkpoint: Path | str, out: Path | str, vocab: Path | str | None = None) -> ClipModel:
+    """Write a Chinese-CLIP ``.pt`` checkpoint (+ its ``vocab``, default the vocab.txt next to
+    it) as a Hugging Face folder ``out``: the model (:mod:`mmcn.models.pixels.cn_clip`), its
+    tokenizer (and vocab.txt) and Chinese-CLIP's image processor at the checkpoint's input size, what
+    ``clip.model.init``, :func:`load_clip` and ``ChineseCLIPModel.from_pretrained`` read."""
+    import shutil
+
+    model, tokenizer = cn_clip.load(checkpoint, vocab, model_class=ClipModel)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    shutil.copyfile(cn_clip.vocab_path(checkpoint, vocab), Path(out) / cn_clip.VOCAB_FILE)  # as HF's own folders have it
+    image_processor(model.config.vision_config.image_size).save_pretrained(str(out))
+    return model
 
 
 def decode_images(images: Sequence[bytes], names: Sequence[object] | None = None) -> list[torch.Tensor]:
@@ -274,7 +306,7 @@ class ClipCollator:
 
 class ClipEncoder:
     """Unit-length embeddings for ranking (the evaluation actors' and ``mmcn search``'s
-    interface, as :class:`mmcn.models.inference.RetrievalEncoder`): ``texts(strings)`` and
+    interface, as :class:`mmcn.models.regions.inference.RetrievalEncoder`): ``texts(strings)`` and
     ``images(items with "image" bytes)`` -> float32 arrays."""
 
     dual_encoder = True
@@ -301,7 +333,7 @@ class ClipEncoder:
 @torch.no_grad()
 def validate(model, tokenizer, processor, store_path: Path) -> dict:
     """Recall on the valid split (t2i / i2t R@1, mean recall), every text against every image."""
-    from mmcn.data.datasets import ClipDataset
+    from mmcn.models.pixels.datasets import ClipDataset
     from mmcn.eval.retrieval_metrics import retrieval_scores
 
     data = ClipDataset(store_path)

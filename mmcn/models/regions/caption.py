@@ -23,7 +23,7 @@ import torch.nn.functional as nnf
 from torch import nn
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
-from mmcn.models.base import VLConfig, VLPreTrainedModel
+from mmcn.models.regions.base import MaskedTokenHeadModel, VLConfig
 
 
 class CaptionConfig(VLConfig):
@@ -107,10 +107,8 @@ class CaptionOutput:
     correct: torch.Tensor         # (n masked tokens,) bool
 
 
-class CaptionModel(VLPreTrainedModel):
+class CaptionModel(MaskedTokenHeadModel):
     config_class = CaptionConfig
-    _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-                          "cls.predictions.decoder.bias": "cls.predictions.bias"}
 
     def __init__(self, config: CaptionConfig):
         super().__init__(config)
@@ -125,9 +123,6 @@ class CaptionModel(VLPreTrainedModel):
         # (Oscar's counter restarts at 0 when a run resumes).
         self.train_forwards = 0
         self.post_init()
-
-    def get_output_embeddings(self):
-        return self.cls.predictions.decoder
 
     def hidden(self, caption_ids, caption_mask, tag_ids, tag_mask, img_feats, img_mask) -> torch.Tensor:
         """States of the caption segment then the tag segment (regions left out)."""

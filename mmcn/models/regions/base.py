@@ -9,13 +9,6 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, BertPreTrainedModel
 
-SIZES = {  # name -> (hidden, layers, heads, intermediate)
-    "tiny": (64, 2, 2, 128),       # tests
-    "small": (128, 3, 4, 512),     # the CPU demo (a few minutes on 2 cores)
-    "medium": (256, 4, 4, 1024),
-    "base": (768, 12, 12, 3072),   # BERT-base (GPU)
-}
-
 
 class VLConfig(BertConfig):
     """BERT's config plus the region-feature and layout settings."""
@@ -78,6 +71,17 @@ class VLPreTrainedModel(BertPreTrainedModel):
         self.bert.embeddings.word_embeddings.weight.requires_grad_(not embedding)
         for p in (*self.img_embedding.parameters(), *self.img_norm.parameters()):
             p.requires_grad_(not visual)
+
+
+class MaskedTokenHeadModel(VLPreTrainedModel):
+    """A model with BERT's masked-token head as ``self.cls.predictions`` (captioning,
+    pretraining): its decoder tied to the word embeddings, its bias to the head's bias."""
+
+    _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                          "cls.predictions.decoder.bias": "cls.predictions.bias"}
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
 
 
 def load_pretrained_bert(model: VLPreTrainedModel, path: str) -> None:

@@ -6,9 +6,9 @@ whose text b (1) or text a (C - 1) belongs to another image. Loss: the two cross
 summed with equal weights (each a mean: over the masked tokens, over the batch).
 
 a is a caption, b the image's tag text; the polluted pairs and the masking are drawn by
-:class:`mmcn.models.inputs.PretrainCollator` with this config's settings. Weight names follow
+:class:`mmcn.models.regions.inputs.PretrainCollator` with this config's settings. Weight names follow
 Oscar's (``cls.predictions.*``, ``cls.seq_relationship.*``, ``bert.pooler.*``), so a pretrained
-model exports to and imports from Oscar's layout (:mod:`mmcn.models.oscar`), and its encoder
+model exports to and imports from Oscar's layout (:mod:`mmcn.models.regions.oscar`), and its encoder
 starts the caption and retrieval fine-tunes (``{task}.model.init``).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as nnf
 from torch import nn
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
-from mmcn.models.base import VLConfig, VLPreTrainedModel, bidirectional
+from mmcn.models.regions.base import MaskedTokenHeadModel, VLConfig, bidirectional
 
 TEXTB_SAMPLE_MODES = (0, 1)   # 0: a polluted b is any text of another pair (a or b); 1: only a tag text
 
@@ -76,18 +76,13 @@ class PretrainOutput:
     contrast_logits: torch.Tensor   # (B, C)
 
 
-class PretrainModel(VLPreTrainedModel):
+class PretrainModel(MaskedTokenHeadModel):
     config_class = PretrainConfig
-    _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-                          "cls.predictions.decoder.bias": "cls.predictions.bias"}
 
     def __init__(self, config: PretrainConfig):
         super().__init__(config)
         self.cls = PretrainHeads(config)
         self.post_init()
-
-    def get_output_embeddings(self):
-        return self.cls.predictions.decoder
 
     def forward(self, input_ids, token_type_ids, text_mask, img_feats, img_mask, lm_labels=None,
                 contrast_labels=None, **_) -> PretrainOutput:

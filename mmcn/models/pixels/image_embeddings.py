@@ -32,7 +32,7 @@ def cache_embeddings(clip_dir: Path | str, store_path: Path, out_file: Path, bat
     it is there and matches the store's images)."""
     from safetensors.torch import load_file, save_file
 
-    from mmcn.models.clip import image_embeddings, load_clip
+    from mmcn.models.pixels.clip import image_embeddings, load_clip
 
     store = LmdbStore(store_path)
     if out_file.is_file():
