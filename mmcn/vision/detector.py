@@ -757,6 +757,14 @@ def save_no_detector(out_dir: str | Path, reason: str) -> Path:
     return out
 
 
+def read_config(file: Path, config_class: type, what: str):
+    """``config_class.from_dict`` of a saved model folder's JSON config, or an error naming the file."""
+    try:
+        return config_class.from_dict(json.loads(file.read_text("utf-8")))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{file}: not a {what} config: {e}") from e
+
+
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> Detector:
     """A detector saved by :func:`save_detector`, in eval mode on ``map_location`` (a grid
     model's folder, :mod:`mmcn.vision.grid`, loads as that model: same interface)."""
@@ -774,11 +782,7 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name}: missing; a detector directory holds {CONFIG_FILE} and "
                                     f"{WEIGHTS_FILE} (written by save_detector)")
-    try:
-        config = DetectorConfig.from_dict(json.loads((path / CONFIG_FILE).read_text("utf-8")))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path / CONFIG_FILE}: not a detector config: {e}") from e
-    model = Detector(config)
+    model = Detector(read_config(path / CONFIG_FILE, DetectorConfig, "detector"))
     state = load_file(str(path / WEIGHTS_FILE), device="cpu")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

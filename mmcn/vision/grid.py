@@ -46,7 +46,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import roi_align
 
 from mmcn.vision.checkpoint import CheckpointError, read_state_dict
-from mmcn.vision.detector import CONFIG_FILE, WEIGHTS_FILE, Detections, NetInput
+from mmcn.vision.detector import CONFIG_FILE, WEIGHTS_FILE, Detections, NetInput, read_config
 
 GRID_ARCH = "grid_resnet"   # detector.arch of this mode
 KIND = "grid"               # config.json "kind": how load_detector tells a grid folder from a detector's
@@ -288,10 +288,7 @@ def load_grid(path: str | Path, map_location: str | torch.device = "cpu") -> Gri
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path / WEIGHTS_FILE}: missing; a grid detector folder holds {CONFIG_FILE} and "
                                 f"{WEIGHTS_FILE} (written by the detector stage with detector.arch {GRID_ARCH})")
-    try:
-        config = GridConfig.from_dict(json.loads((path / CONFIG_FILE).read_text("utf-8")))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path / CONFIG_FILE}: not a grid model config: {e}") from e
+    config = read_config(path / CONFIG_FILE, GridConfig, "grid model")
     state = {k[len("body."):] if k.startswith("body.") else k: v
              for k, v in load_file(str(path / WEIGHTS_FILE), device="cpu").items()}
     model = _load_body(GridDetector(config), state, str(path / WEIGHTS_FILE), "convert the checkpoint again")
