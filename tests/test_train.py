@@ -89,7 +89,7 @@ def registered_checkpoints(storage: Path, task: str) -> int:
 
 
 @pytest.mark.parametrize(("task", "settings", "epochs"), [
-    ("caption", LAYOUT, 4), ("pretrain", {"max_text_len": 24, "max_regions": 4}, 4)])
+    ("caption", LAYOUT, 3), ("pretrain", {"max_text_len": 24, "max_regions": 4}, 3)])
 def test_killed_training_resumes_from_its_checkpoint_to_the_same_result(lmdb_dir, tmp_path, task, settings, epochs):
     """kill -9 once Ray has recorded a checkpoint, rerun: the run continues from it and ends
     with exactly the losses, valid metrics and weights of the same training never killed
