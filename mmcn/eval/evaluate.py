@@ -42,7 +42,7 @@ class EvalConfig:
     max_length: int = 30
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
-    decoding: str = "mmcn"        # mmcn | oscar (Oscar's beam search and length rules: mmcn.models.regions.inference.Decoding)
+    decoding: str = "mmcn"        # mmcn | oscar (Oscar's beam search and length rules: regions.inference.Decoding)
     tokenize: str = "char"        # char | jieba
     # retrieval
     rerank_k: int = 10            # cross-encoder re-ranking of each query's top k (0: off)
@@ -74,10 +74,10 @@ class ModelActor:
         from mmcn.models.runtime import pick_device
 
         hf_logging.disable_progress_bar()  # this actor's process: a "Loading weights" bar per load says nothing
-        tasks = family(model_task(model_dir))
-        self.cfg, self.mode = eval_config(model_task(model_dir))(**cfg), mode
+        task = model_task(model_dir)
+        self.cfg, self.mode = eval_config(task)(**cfg), mode
         device = pick_device("auto" if self.cfg.use_gpu else "cpu")
-        self.data, self.worker = tasks.eval_worker(mode, model_dir, store_path, self.cfg, device)
+        self.data, self.worker = family(task).eval_worker(mode, model_dir, store_path, self.cfg, device)
 
     def __call__(self, batch: dict) -> dict:
         return getattr(self, self.mode)(batch)
@@ -179,7 +179,8 @@ def caption_warnings(captions: dict[int, str], task: str = "caption") -> list[st
 
 def evaluate_clipcap(model_dir: Path, lmdb_dir: Path, out_dir: Path, cfg=None, split: str = "test") -> dict:
     """A ClipCap model's captions of ``split`` (its CLIP on the stored image bytes), scored and
-    written as :func:`evaluate_captions` does for the Oscar-style model (same metric keys)."""
+    written as :func:`evaluate_captions` does for the Oscar-style model (same metric keys);
+    ``cfg``: a :class:`mmcn.models.pixels.clipcap.ClipCapEvalConfig` (None: its defaults)."""
     return evaluate_captions(model_dir, lmdb_dir, out_dir, cfg or eval_config("clipcap")(), split)
 
 

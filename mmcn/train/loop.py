@@ -56,7 +56,7 @@ class TrainConfig:
     freeze_vision: bool = False     # clip: the ViT's weights fixed (Chinese-CLIP's --freeze-vision)
     mask_prob: float = 0.15         # caption: share of caption tokens masked
     max_masked: int = 3             # caption: most masked tokens per caption
-    mask_type: str = "mmcn"         # caption: mmcn | oscar (which tokens, how many: mmcn.models.regions.inputs.CaptionCollator)
+    mask_type: str = "mmcn"         # caption: mmcn | oscar (which tokens, how many: regions.inputs.CaptionCollator)
     workers: int = 1                # Ray Train workers (0: in the driver process, for tests)
     cpus_per_worker: int = 1        # CPU threads of each worker's torch
     use_gpu: bool = False
@@ -261,7 +261,7 @@ def _train_worker(config: dict) -> None:
     model = _build(spec, len(tokenizer))
     tasks.freeze(model, spec.task, cfg)
     dataset, collate = tasks.task_data(spec.task, Path(config["lmdb_dir"]) / "train", tokenizer, model.config, cfg,
-                                  seed=cfg.seed, embeddings=config.get("embeddings"))
+                                       seed=cfg.seed, embeddings=config.get("embeddings"))
     dataset = _fraction(dataset, cfg.train_fraction)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     # the loader's own generator (reseeded per epoch): starting an epoch then draws nothing from
@@ -339,14 +339,14 @@ def _train_worker(config: dict) -> None:
             pending.append(batch)
             if len(pending) < cfg.grad_accum:
                 continue
-            loss, pending = train_step(model, pending, bf16) / cfg.grad_accum, []
+            loss, pending = train_step(model, pending, bf16), []  # the last micro-batch's loss
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             history["train"].append({"step": step, "epoch": round(epoch + (i + 1) / len(loader), 4),
-                                     "loss": round(loss.item() * cfg.grad_accum, 5),
+                                     "loss": round(loss.item(), 5),
                                      "lr": scheduler.get_last_lr()[0],
                                      "seconds": round(time.perf_counter() - started, 3)})
             if step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
@@ -455,11 +455,12 @@ def _validate(tasks, task: str, model, store_path: Path, tokenizer, cfg: TrainCo
 
 
 def step_micro_batches(model, batches: list[dict], autocast) -> torch.Tensor:
-    """One optimizer step's gradients: a forward and backward per micro-batch (their losses
-    averaged into the gradient); returns the last one's loss, times ``len(batches)``."""
+    """One optimizer step's gradients: a forward and backward per micro-batch (``grad_accum``
+    of them, their losses averaged into the gradient); returns the last one's loss. A family
+    whose step differs gives its own (``STEPS``: Chinese-CLIP's accumulated contrastive batch)."""
     loss = None
     for batch in batches:
         with autocast:
-            loss = model(**batch).loss / len(batches)
-        loss.backward()
-    return loss.detach() * len(batches)
+            loss = model(**batch).loss
+        (loss / len(batches)).backward()
+    return loss.detach()

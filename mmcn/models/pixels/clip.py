@@ -151,7 +151,9 @@ def accumulated_step(model, batches: list[dict], autocast) -> torch.Tensor:
 def image_processor(image_size: int) -> ChineseCLIPImageProcessor:
     """Chinese-CLIP's transform: a bicubic resize to ``image_size`` square, no crop, OpenAI CLIP's mean/std."""
     return ChineseCLIPImageProcessor(do_resize=True, size={"height": image_size, "width": image_size},
-                                     resample=3, do_center_crop=False, crop_size={"height": image_size, "width": image_size}, do_rescale=True, do_normalize=True,
+                                     resample=3, do_center_crop=False,
+                                     crop_size={"height": image_size, "width": image_size}, do_rescale=True,
+                                     do_normalize=True,
                                      image_mean=OPENAI_MEAN, image_std=OPENAI_STD, do_convert_rgb=True)
 
 
@@ -235,7 +237,8 @@ def convert_cn_clip(checkpoint: Path | str, out: Path | str, vocab: Path | str |
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    shutil.copyfile(cn_clip.vocab_path(checkpoint, vocab), Path(out) / cn_clip.VOCAB_FILE)  # as HF's own folders have it
+    # vocab.txt as Hugging Face's own Chinese-CLIP folders have it
+    shutil.copyfile(cn_clip.vocab_path(checkpoint, vocab), Path(out) / cn_clip.VOCAB_FILE)
     image_processor(model.config.vision_config.image_size).save_pretrained(str(out))
     return model
 
